@@ -1,0 +1,23 @@
+"""Encoder-decoder Transformers for translation, trained the "Attention Is All You Need" way."""
+
+from .decoding import greedy_decode
+from .losses import LabelSmoothingLoss, compute_loss
+from .masks import create_causal_mask, create_combined_mask, create_padding_mask
+from .model import Seq2SeqTransformer
+from .schedules import cosine_lambda, cosine_schedule, noam_lambda, noam_schedule
+from .transformer import Transformer
+
+__all__ = [
+    "LabelSmoothingLoss",
+    "Seq2SeqTransformer",
+    "Transformer",
+    "compute_loss",
+    "cosine_lambda",
+    "cosine_schedule",
+    "create_causal_mask",
+    "create_combined_mask",
+    "create_padding_mask",
+    "greedy_decode",
+    "noam_lambda",
+    "noam_schedule",
+]

@@ -1,0 +1,168 @@
+"""Building blocks of the encoder-decoder: attention, feed-forward, positions, layers.
+
+Tensor shapes: ``B`` batch, ``S`` source length, ``T`` target length, ``D`` model width,
+``H`` heads. Masks are boolean with ``True`` = may attend (see :mod:`lightning_transformer.masks`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head scaled dot-product attention through ``F.scaled_dot_product_attention``.
+
+    Self-attention projects queries, keys and values with one fused ``D -> 3D`` matmul;
+    cross-attention projects the queries alone and the memory's keys and values with one fused
+    ``D -> 2D`` matmul.
+
+    Args:
+        d_model: model width ``D``; must be divisible by ``nhead``.
+        nhead: number of heads ``H``.
+        dropout: dropout on the attention probabilities.
+        cross: ``True`` for encoder-decoder attention.
+    """
+
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, cross: bool = False) -> None:
+        super().__init__()
+        if d_model % nhead != 0:
+            raise ValueError(
+                f"d_model={d_model} is not divisible by nhead={nhead}; choose nhead among the divisors "
+                f"of d_model (the paper: 512/8, 1024/16)."
+            )
+        self.nhead, self.head_dim, self.dropout, self.cross = nhead, d_model // nhead, dropout, cross
+        if cross:
+            self.q_proj = nn.Linear(d_model, d_model)
+            self.kv_proj = nn.Linear(d_model, 2 * d_model)
+        else:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def _split_heads(self, x: Tensor, n: int) -> tuple[Tensor, ...]:
+        batch, length, _ = x.shape
+        # (B, L, n*D) -> n tensors of (B, H, L, D/H)
+        return x.view(batch, length, n, self.nhead, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
+        """Args:
+            x: queries (and, for self-attention, keys/values) ``(B, T, D)``.
+            mask: bool, broadcastable to ``(B, H, T, S)``.
+            memory: encoder output ``(B, S, D)``; required iff ``cross``.
+
+        Returns:
+            ``(B, T, D)``.
+        """
+        if self.cross:
+            (q,) = self._split_heads(self.q_proj(x), 1)
+            k, v = self._split_heads(self.kv_proj(memory), 2)
+        else:
+            q, k, v = self._split_heads(self.qkv_proj(x), 3)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, H, T, D/H)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``Linear -> ReLU -> dropout -> Linear``."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, activation_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.activation_dropout = activation_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = F.relu(self.linear1(x))
+        return self.linear2(F.dropout(hidden, self.activation_dropout, self.training))
+
+
+def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
+    """``(max_len, d_model)`` table: ``sin`` on even, ``cos`` on odd channels (paper, section 3.5)."""
+    position = torch.arange(max_len, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)[:, : d_model // 2]
+    return table.float()
+
+
+class Embeddings(nn.Module):
+    """Token embedding scaled by ``sqrt(d_model)``, plus sinusoidal positions, then dropout."""
+
+    def __init__(self, token_embedding: nn.Embedding, max_len: int, dropout: float) -> None:
+        super().__init__()
+        self.token = token_embedding
+        self.scale = math.sqrt(token_embedding.embedding_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.register_buffer("positions", sinusoidal_positions(max_len, token_embedding.embedding_dim), persistent=False)
+
+    def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
+        """``(B, L)`` ids at positions ``offset .. offset + L - 1`` -> ``(B, L, D)``."""
+        length = ids.size(1) + offset
+        if length > self.positions.size(0):
+            raise ValueError(
+                f"sequence of length {length} exceeds the model's max_len={self.positions.size(0)}; "
+                "raise model.max_len or drop longer sentences in the data module (max_length)."
+            )
+        return self.dropout(self.token(ids) * self.scale + self.positions[offset:length])
+
+
+class _Residual(nn.Module):
+    """``x + dropout(f(x))`` then LayerNorm (post-norm, the paper), or ``x + dropout(f(norm(x)))``."""
+
+    def __init__(self, d_model: int, dropout: float, norm_first: bool) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.norm_first = norm_first
+
+    def forward(self, x: Tensor, sublayer) -> Tensor:
+        if self.norm_first:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention then feed-forward, each wrapped in a residual connection."""
+
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+        attention_dropout: float = 0.0, activation_dropout: float = 0.0, norm_first: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, nhead, attention_dropout)
+        self.feed_forward = FeedForward(d_model, dim_feedforward, activation_dropout)
+        self.attn_block = _Residual(d_model, dropout, norm_first)
+        self.ff_block = _Residual(d_model, dropout, norm_first)
+
+    def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
+        """``(B, S, D)`` with ``src_mask`` ``(B, 1, 1, S)`` -> ``(B, S, D)``."""
+        x = self.attn_block(x, lambda h: self.self_attn(h, src_mask))
+        return self.ff_block(x, self.feed_forward)
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, cross-attention over the encoder output, then feed-forward."""
+
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
+        attention_dropout: float = 0.0, activation_dropout: float = 0.0, norm_first: bool = False,
+    ) -> None:
+        super().__init__()
+        self.self_attn = MultiHeadAttention(d_model, nhead, attention_dropout)
+        self.cross_attn = MultiHeadAttention(d_model, nhead, attention_dropout, cross=True)
+        self.feed_forward = FeedForward(d_model, dim_feedforward, activation_dropout)
+        self.self_block = _Residual(d_model, dropout, norm_first)
+        self.cross_block = _Residual(d_model, dropout, norm_first)
+        self.ff_block = _Residual(d_model, dropout, norm_first)
+
+    def forward(self, x: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None) -> Tensor:
+        """``(B, T, D)`` over ``memory`` ``(B, S, D)``; ``tgt_mask`` ``(B, 1, T, T)``, ``memory_mask`` ``(B, 1, 1, S)``."""
+        x = self.self_block(x, lambda h: self.self_attn(h, tgt_mask))
+        x = self.cross_block(x, lambda h: self.cross_attn(h, memory_mask, memory=memory))
+        return self.ff_block(x, self.feed_forward)

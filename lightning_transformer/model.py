@@ -1,0 +1,233 @@
+"""``Seq2SeqTransformer``: the LightningModule that trains :class:`Transformer` the paper's way.
+
+Each step reads like the recipe: shift the target right, build masks, forward, label-smoothed
+loss, log. Research code overrides one hook (``make_masks``, ``compute_loss``, ``encode``,
+``decode``, ``shift_targets``) instead of copying a step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from .decoding import greedy_decode
+from .losses import LabelSmoothingLoss, compute_loss
+from .masks import create_combined_mask, create_padding_mask
+from .schedules import cosine_schedule, noam_schedule
+from .transformer import Transformer
+
+
+class Seq2SeqTransformer(LightningModule):
+    """Encoder-decoder Transformer for translation.
+
+    Args:
+        src_vocab_size: source vocabulary size (linked to the data module's by the CLI).
+        tgt_vocab_size: target vocabulary size.
+        d_model: model width (paper: 512 base, 1024 big).
+        nhead: attention heads (8 base, 16 big).
+        num_encoder_layers: encoder layers (6).
+        num_decoder_layers: decoder layers (6).
+        dim_feedforward: feed-forward inner width (2048 base, 4096 big).
+        dropout: residual and embedding dropout (0.1 base, 0.3 big).
+        attention_dropout: dropout on attention probabilities.
+        activation_dropout: dropout after the feed-forward ReLU.
+        norm_first: pre-norm layers instead of the paper's post-norm.
+        share_embeddings: one embedding table for source and target (needs a joint vocabulary).
+        tie_output_embeddings: the output projection reuses the target embeddings.
+        max_len: longest source or target sequence, in tokens.
+        pad_token_id: padding id, ignored by the loss and masked in attention.
+        bos_token_id: id that starts every target sequence.
+        eos_token_id: id that ends every sequence.
+        label_smoothing: epsilon of the label-smoothed loss (paper: 0.1).
+        scheduler: ``noam`` (paper) or ``cosine`` (linear warm-up, cosine decay to ``min_lr_ratio * lr``).
+        warmup_steps: warm-up length in optimizer steps (paper: 4000).
+        lr_factor: Noam multiplier; peak lr is ``lr_factor * (d_model * warmup_steps)^-0.5``.
+        lr: peak learning rate of the cosine schedule.
+        min_lr_ratio: cosine floor as a fraction of ``lr``.
+        total_steps: cosine decay length; defaults to the Trainer's estimated stepping batches.
+        betas: Adam betas (paper: 0.9, 0.98).
+        eps: Adam epsilon (paper: 1e-9).
+        weight_decay: Adam L2 penalty.
+        max_decode_len_a: ``predict`` stops after ``a * source_length + b`` tokens (``a``).
+        max_decode_len_b: ``b`` of the same rule.
+    """
+
+    def __init__(
+        self,
+        src_vocab_size: int = 8000,
+        tgt_vocab_size: int = 8000,
+        d_model: int = 512,
+        nhead: int = 8,
+        num_encoder_layers: int = 6,
+        num_decoder_layers: int = 6,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.0,
+        activation_dropout: float = 0.0,
+        norm_first: bool = False,
+        share_embeddings: bool = False,
+        tie_output_embeddings: bool = True,
+        max_len: int = 1024,
+        pad_token_id: int = 0,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        label_smoothing: float = 0.1,
+        scheduler: Literal["noam", "cosine"] = "noam",
+        warmup_steps: int = 4000,
+        lr_factor: float = 1.0,
+        lr: float = 5e-4,
+        min_lr_ratio: float = 0.0,
+        total_steps: int | None = None,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-9,
+        weight_decay: float = 0.0,
+        max_decode_len_a: float = 1.2,
+        max_decode_len_b: int = 10,
+    ) -> None:
+        super().__init__()
+        if warmup_steps <= 0:
+            raise ValueError(f"warmup_steps must be positive, got {warmup_steps}; the paper uses 4000.")
+        self.save_hyperparameters()
+        self.d_model, self.tgt_vocab_size, self.pad_token_id = d_model, tgt_vocab_size, pad_token_id
+        self.transformer = Transformer(
+            src_vocab_size, tgt_vocab_size, d_model, nhead, num_encoder_layers, num_decoder_layers,
+            dim_feedforward, dropout, attention_dropout, activation_dropout, norm_first,
+            share_embeddings, tie_output_embeddings, pad_token_id, max_len,
+        )
+        self.criterion = LabelSmoothingLoss(tgt_vocab_size, label_smoothing, pad_token_id)
+        self.eval_loss, self.eval_nll = MeanMetric(), MeanMetric()
+        self._batch_tokens, self._batch_start = 0, 0.0
+
+    # ----- research hooks ---------------------------------------------------------------------
+    def make_masks(self, src: Tensor, tgt_input: Tensor) -> tuple[Tensor, Tensor]:
+        """Source padding mask ``(B, 1, 1, S)`` and target padding+causal mask ``(B, 1, T, T)``."""
+        return create_padding_mask(src, self.pad_token_id), create_combined_mask(tgt_input, self.pad_token_id)
+
+    def shift_targets(self, tgt: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher forcing: ``tgt[:, :-1]`` goes in, ``tgt[:, 1:]`` is predicted."""
+        return tgt[:, :-1], tgt[:, 1:]
+
+    def encode(self, src: Tensor, src_mask: Tensor | None) -> Tensor:
+        """Source ids ``(B, S)`` -> memory ``(B, S, D)``."""
+        return self.transformer.encode(src, src_mask)
+
+    def decode(self, tgt_input: Tensor, memory: Tensor, tgt_mask: Tensor | None, src_mask: Tensor | None) -> Tensor:
+        """Target prefix ``(B, T)`` over memory ``(B, S, D)`` -> logits ``(B, T, V)``."""
+        return self.transformer.decode(tgt_input, memory, tgt_mask, src_mask)
+
+    def compute_loss(self, logits: Tensor, tgt_output: Tensor) -> Tensor:
+        """Label-smoothed cross-entropy averaged over non-pad target tokens."""
+        return self.criterion(logits, tgt_output)
+
+    # ----- forward and steps ------------------------------------------------------------------
+    def forward(self, src: Tensor, tgt_input: Tensor, src_mask: Tensor | None = None,
+                tgt_mask: Tensor | None = None) -> Tensor:
+        """Logits ``(B, T, tgt_vocab)``; masks are built with :meth:`make_masks` when not given."""
+        if src_mask is None or tgt_mask is None:
+            default_src_mask, default_tgt_mask = self.make_masks(src, tgt_input)
+            src_mask = default_src_mask if src_mask is None else src_mask
+            tgt_mask = default_tgt_mask if tgt_mask is None else tgt_mask
+        return self.decode(tgt_input, self.encode(src, src_mask), tgt_mask, src_mask)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        src, tgt = self.unpack_batch(batch)
+        tgt_input, tgt_output = self.shift_targets(tgt)
+        src_mask, tgt_mask = self.make_masks(src, tgt_input)
+        logits = self(src, tgt_input, src_mask, tgt_mask)
+        loss = self.compute_loss(logits, tgt_output)
+        self._batch_tokens = int((tgt_output != self.pad_token_id).sum())
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/loss", loss, prog_bar=True, batch_size=src.size(0))
+        self.log("train/lr", lr, prog_bar=True, batch_size=src.size(0))
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_evaluation("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_evaluation("test")
+
+    def predict_step(self, batch, batch_idx: int) -> list[list[int]]:
+        """Greedy translations of the batch's sources, as token ids without bos/eos/padding."""
+        src = batch if isinstance(batch, Tensor) else self.unpack_batch(batch, need_target=False)[0]
+        hp = self.hparams
+        max_len = int(hp.max_decode_len_a * src.size(1) + hp.max_decode_len_b)
+        return greedy_decode(self, src, max_len, self.pad_token_id, hp.bos_token_id, hp.eos_token_id)
+
+    # ----- throughput -------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # Forward, backward and the optimizer step; data loading is not counted.
+        elapsed = time.perf_counter() - self._batch_start
+        self.log("train/tokens_per_sec", self._batch_tokens / max(elapsed, 1e-9), batch_size=1)
+
+    # ----- optimisation -----------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        adam = dict(betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay)
+        if hp.scheduler == "noam":
+            # LambdaLR multiplies the base lr by noam_lambda, so the base lr *is* the factor.
+            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr_factor, **adam)
+            scheduler = noam_schedule(optimizer, hp.d_model, hp.warmup_steps)
+        elif hp.scheduler == "cosine":
+            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, **adam)
+            scheduler = cosine_schedule(optimizer, hp.warmup_steps, self._total_steps(), hp.min_lr_ratio)
+        else:
+            raise ValueError(f"scheduler must be 'noam' or 'cosine', got {hp.scheduler!r}.")
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        if self.hparams.total_steps is not None:
+            return self.hparams.total_steps
+        estimated = self.trainer.estimated_stepping_batches
+        if estimated == float("inf"):
+            raise ValueError(
+                "the cosine schedule needs a finite run length; set trainer.max_steps, "
+                "trainer.max_epochs or model.total_steps."
+            )
+        return int(estimated)
+
+    # ----- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def unpack_batch(batch, need_target: bool = True) -> tuple[Tensor, Tensor | None]:
+        """A batch is ``(src, tgt)`` or a mapping with keys ``src`` and ``tgt``, both ``(B, L)`` ids."""
+        if isinstance(batch, Mapping):
+            missing = [key for key in ("src", "tgt")[: 1 + need_target] if key not in batch]
+            if missing:
+                raise KeyError(f"the batch mapping lacks {missing}; it needs 'src' and 'tgt', got {sorted(batch)}.")
+            return batch["src"], batch.get("tgt")
+        if isinstance(batch, (tuple, list)) and len(batch) in (1 + need_target, 2):
+            return batch[0], batch[1] if len(batch) == 2 else None
+        raise TypeError(
+            f"a batch must be a (src, tgt) pair of token-id tensors or a mapping with 'src' and 'tgt', "
+            f"got {type(batch).__name__}."
+        )
+
+    def _evaluate(self, batch) -> None:
+        src, tgt = self.unpack_batch(batch)
+        tgt_input, tgt_output = self.shift_targets(tgt)
+        logits = self(src, tgt_input, *self.make_masks(src, tgt_input))
+        tokens = (tgt_output != self.pad_token_id).sum()
+        # Token-weighted means, synced across processes by torchmetrics: a corpus-level value.
+        self.eval_loss.update(self.compute_loss(logits, tgt_output), weight=tokens)
+        self.eval_nll.update(compute_loss(logits, tgt_output, self.pad_token_id), weight=tokens)
+
+    def _log_evaluation(self, stage: str) -> None:
+        loss, nll = self.eval_loss.compute(), self.eval_nll.compute()
+        self.eval_loss.reset()
+        self.eval_nll.reset()
+        self.log_dict({f"{stage}/loss": loss, f"{stage}/nll": nll, f"{stage}/ppl": nll.exp()}, prog_bar=True)
