@@ -1,0 +1,113 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_transformer import LabelSmoothingLoss, compute_loss
+from lightning_transformer import losses
+
+
+def explicit_smoothed_loss(logits, targets, smoothing, pad=0):
+    """The guide's construction in float64: a full (tokens x vocab) target distribution."""
+    logits, targets = logits.double().reshape(-1, logits.size(-1)), targets.reshape(-1)
+    vocab = logits.size(-1)
+    true_dist = torch.full_like(logits, smoothing / (vocab - 2))
+    true_dist.scatter_(1, targets[:, None], 1.0 - smoothing)
+    true_dist[:, pad] = 0.0
+    keep = targets != pad
+    per_token = -(true_dist * logits.log_softmax(-1)).sum(-1)
+    return per_token[keep].sum() / keep.sum()
+
+
+def make_batch(tokens=(3, 7), vocab=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(*tokens, vocab, generator=g) * 3
+    targets = torch.randint(1, vocab, tokens, generator=g)
+    targets[0, -2:] = 0
+    targets[-1, 0] = 0
+    return logits, targets
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_label_smoothing_equals_explicit_distribution(smoothing):
+    logits, targets = make_batch()
+    ours = LabelSmoothingLoss(11, smoothing)(logits, targets)
+    assert torch.allclose(ours.double(), explicit_smoothed_loss(logits, targets, smoothing), rtol=1e-6, atol=1e-6)
+
+
+def test_label_smoothing_gradient_equals_explicit_distribution():
+    logits, targets = make_batch()
+    leaf = logits.clone().requires_grad_()
+    LabelSmoothingLoss(11, 0.1)(leaf, targets).backward()
+    reference = logits.double().requires_grad_()
+    explicit_smoothed_loss(reference, targets, 0.1).backward()
+    assert torch.allclose(leaf.grad.double(), reference.grad, atol=1e-7)
+    assert (leaf.grad.reshape(-1, 11)[targets.reshape(-1) == 0] == 0).all()
+
+
+def test_chunked_kernel_spans_chunks(monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_ROWS", 4)
+    logits, targets = make_batch(tokens=(5, 3))
+    leaf = logits.clone().requires_grad_()
+    LabelSmoothingLoss(11, 0.2)(leaf, targets).backward()
+    reference = logits.double().requires_grad_()
+    explicit_smoothed_loss(reference, targets, 0.2).backward()
+    assert torch.allclose(leaf.grad.double(), reference.grad, atol=1e-7)
+
+
+def test_zero_smoothing_equals_compute_loss_and_cross_entropy():
+    logits, targets = make_batch()
+    expected = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=0)
+    assert torch.allclose(LabelSmoothingLoss(11, 0.0)(logits, targets), expected, atol=1e-6)
+    assert torch.allclose(compute_loss(logits, targets), expected, atol=1e-6)
+
+
+def test_padded_batch_equals_sum_of_unpadded_items():
+    logits, targets = make_batch(tokens=(4, 6))
+    loss = LabelSmoothingLoss(11, 0.1, reduction="sum")
+    separately = sum(loss(logits[i][targets[i] != 0], targets[i][targets[i] != 0]) for i in range(4))
+    assert torch.allclose(loss(logits, targets), separately, atol=1e-5)
+
+
+def test_reduction_none_is_zero_at_padding():
+    logits, targets = make_batch()
+    per_token = LabelSmoothingLoss(11, 0.1, reduction="none")(logits, targets)
+    assert per_token.shape == targets.shape
+    assert (per_token[targets == 0] == 0).all() and (per_token[targets != 0] > 0).all()
+
+
+def test_all_padding_targets_give_zero_not_nan():
+    logits = torch.randn(2, 3, 11, requires_grad=True)
+    targets = torch.zeros(2, 3, dtype=torch.long)
+    loss = LabelSmoothingLoss(11, 0.1)(logits, targets)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    assert compute_loss(logits, targets).item() == 0.0
+
+
+def test_bfloat16_logits_match_float32():
+    logits, targets = make_batch()
+    low = logits.bfloat16().requires_grad_()
+    loss = LabelSmoothingLoss(11, 0.1)(low, targets)
+    loss.backward()
+    assert low.grad.dtype == torch.bfloat16
+    assert torch.allclose(loss, LabelSmoothingLoss(11, 0.1)(low.detach().float(), targets), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(vocab_size=2), "vocab_size must be > 2"),
+        (dict(vocab_size=10, smoothing=1.0), r"smoothing must be in \[0, 1\)"),
+        (dict(vocab_size=10, smoothing=-0.1), r"smoothing must be in \[0, 1\)"),
+        (dict(vocab_size=10, pad_token_id=10), "outside the vocabulary"),
+        (dict(vocab_size=10, reduction="avg"), "reduction must be"),
+    ],
+)
+def test_bad_arguments_are_refused_clearly(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LabelSmoothingLoss(**kwargs)
+
+
+def test_vocabulary_mismatch_is_refused_clearly():
+    with pytest.raises(ValueError, match="vocab_size=12"):
+        LabelSmoothingLoss(12)(torch.randn(2, 11), torch.ones(2, dtype=torch.long))

@@ -1,0 +1,183 @@
+import pytest
+import torch
+from copy_task import CopyTaskDataModule
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_transformer import Seq2SeqTransformer, greedy_decode
+from lightning_transformer.losses import compute_loss
+
+TINY = dict(src_vocab_size=20, tgt_vocab_size=20, d_model=32, nhead=4, num_encoder_layers=2,
+            num_decoder_layers=2, dim_feedforward=64)
+
+
+def tiny_model(**overrides):
+    return Seq2SeqTransformer(**{**TINY, **overrides})
+
+
+def trainer(tmp_path, **kwargs):
+    defaults = dict(default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                    enable_checkpointing=False)
+    return Trainer(**{**defaults, **kwargs})
+
+
+class RecordSteps(Callback):
+    """The lr each optimizer step runs with, and each training loss."""
+
+    def __init__(self):
+        self.lrs, self.losses = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+
+
+def test_forward_shapes_and_attributes():
+    model = tiny_model(tgt_vocab_size=23)
+    src, tgt = torch.randint(3, 20, (2, 7)), torch.randint(3, 20, (2, 5))
+    assert model(src, tgt).shape == (2, 5, 23)
+    assert model.d_model == 32 and model.tgt_vocab_size == 23
+    assert model.hparams.warmup_steps == 4000 and model.hparams.label_smoothing == 0.1
+
+
+def test_given_masks_equal_built_masks():
+    model = tiny_model().eval()
+    src, tgt = torch.randint(3, 20, (2, 7)), torch.randint(3, 20, (2, 5))
+    src[0, 4:] = 0
+    assert torch.equal(model(src, tgt), model(src, tgt, *model.make_masks(src, tgt)))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_is_causal(norm_first):
+    """Changing target token t must not move the logits at positions before t."""
+    torch.manual_seed(0)
+    model = tiny_model(norm_first=norm_first).eval()
+    src, tgt = torch.randint(3, 20, (2, 7)), torch.randint(3, 20, (2, 6))
+    changed = tgt.clone()
+    changed[:, 3] = (changed[:, 3] + 1) % 17 + 3
+    before, after = model(src, tgt), model(src, changed)
+    assert torch.allclose(before[:, :3], after[:, :3], atol=1e-6)
+    assert not torch.allclose(before[:, 3:], after[:, 3:])
+
+
+def test_extra_source_padding_changes_nothing():
+    model = tiny_model().eval()
+    src, tgt = torch.randint(3, 20, (2, 5)), torch.randint(3, 20, (2, 4))
+    padded = torch.cat([src, torch.zeros(2, 3, dtype=torch.long)], dim=1)
+    assert torch.allclose(model(src, tgt), model(padded, tgt), atol=1e-5)
+
+
+def test_embedding_sharing_options():
+    shared = tiny_model(share_embeddings=True)
+    net = shared.transformer
+    assert net.src_embed.token.weight is net.tgt_embed.token.weight is net.generator.weight
+    untied = tiny_model(tie_output_embeddings=False).transformer
+    assert untied.generator.weight is not untied.tgt_embed.token.weight
+    with pytest.raises(ValueError, match="joint vocabulary"):
+        tiny_model(share_embeddings=True, src_vocab_size=21)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(dict(nhead=5), "not divisible by nhead"), (dict(warmup_steps=0), "warmup_steps must be positive"),
+     (dict(label_smoothing=1.0), "smoothing must be in"), (dict(dropout=1.5), "dropout must be in")],
+)
+def test_bad_hyperparameters_are_refused_clearly(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_model(**overrides)
+
+
+def test_batch_formats_and_errors():
+    src, tgt = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 4, dtype=torch.long)
+    assert Seq2SeqTransformer.unpack_batch({"src": src, "tgt": tgt})[1] is tgt
+    assert Seq2SeqTransformer.unpack_batch([src, tgt])[0] is src
+    with pytest.raises(KeyError, match="'tgt'"):
+        Seq2SeqTransformer.unpack_batch({"src": src, "target": tgt})
+    with pytest.raises(TypeError, match="a batch must be"):
+        Seq2SeqTransformer.unpack_batch(src)
+
+
+def test_trainer_runs_the_kth_optimizer_step_at_noam_lr_k(tmp_path):
+    record = RecordSteps()
+    model = tiny_model(warmup_steps=4, lr_factor=2.0)
+    trainer(tmp_path, max_steps=10, callbacks=[record]).fit(model, CopyTaskDataModule())
+    expected = [2.0 * 32**-0.5 * min(k**-0.5, k * 4**-1.5) for k in range(1, 11)]
+    assert record.lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_cosine_schedule_uses_the_trainer_run_length(tmp_path):
+    record = RecordSteps()
+    model = tiny_model(scheduler="cosine", lr=1e-3, warmup_steps=2, min_lr_ratio=0.1)
+    trainer(tmp_path, max_steps=12, callbacks=[record]).fit(model, CopyTaskDataModule())
+    assert record.lrs[1] == pytest.approx(1e-3)
+    assert record.lrs[6] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # k=7: halfway through the decay
+    assert record.lrs[-1] == pytest.approx(1e-4)  # the last step reaches the floor
+
+
+def test_overfits_one_batch_and_greedy_decoding_copies_it(tmp_path):
+    torch.manual_seed(0)
+    data = CopyTaskDataModule(num_samples=8, batch_size=8)
+    model = tiny_model(d_model=64, dim_feedforward=128, dropout=0.0, label_smoothing=0.0,
+                       scheduler="cosine", lr=3e-3, warmup_steps=10)
+    trainer(tmp_path, max_steps=150, overfit_batches=1).fit(model, data)
+    model.eval()
+    src, tgt = data.src, data.tgt
+    with torch.no_grad():
+        loss = compute_loss(model(src, tgt[:, :-1]), tgt[:, 1:]).item()
+    assert loss < 0.05
+    decoded = greedy_decode(model, src, max_len=12, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    assert decoded == tgt[:, 1:-1].tolist()
+
+
+def test_resume_continues_the_same_schedule_and_curve(tmp_path):
+    def run(max_steps, ckpt_path=None, callbacks=()):
+        torch.manual_seed(0)
+        record = RecordSteps()
+        model = tiny_model(dropout=0.0, warmup_steps=3)
+        data = CopyTaskDataModule(num_samples=64, batch_size=16, shuffle=False)  # 4 steps an epoch
+        trainer(tmp_path, max_steps=max_steps, callbacks=[record, *callbacks],
+                enable_checkpointing=bool(callbacks)).fit(model, data, ckpt_path=ckpt_path)
+        return record
+
+    full = run(8)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    run(4, callbacks=[checkpoint])
+    path = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    state = torch.load(path, weights_only=False)
+    assert state["lr_schedulers"][0]["last_epoch"] == 4
+    resumed = run(8, ckpt_path=path)
+    assert resumed.lrs == pytest.approx(full.lrs[4:], rel=1e-12)
+    assert resumed.losses == pytest.approx(full.losses[4:], rel=1e-5)
+
+
+def test_validation_logs_token_weighted_loss_and_perplexity(tmp_path):
+    model = tiny_model()
+    data = CopyTaskDataModule(num_samples=20, batch_size=8)  # uneven last batch
+    metrics = trainer(tmp_path, limit_val_batches=None).validate(model, data, verbose=False)[0]
+    model.eval()
+    with torch.no_grad():
+        nll = compute_loss(model(data.src, data.tgt[:, :-1]), data.tgt[:, 1:])
+    assert metrics["val/nll"] == pytest.approx(nll.item(), rel=1e-5)
+    assert metrics["val/ppl"] == pytest.approx(nll.exp().item(), rel=1e-5)
+    assert metrics["val/loss"] > metrics["val/nll"]
+
+
+def test_a_subclass_changes_one_hook(tmp_path):
+    class PlainCrossEntropy(Seq2SeqTransformer):
+        def compute_loss(self, logits, tgt_output):
+            self.calls = getattr(self, "calls", 0) + 1
+            return compute_loss(logits, tgt_output, self.pad_token_id)
+
+    model = PlainCrossEntropy(**TINY)
+    trainer(tmp_path, max_steps=2).fit(model, CopyTaskDataModule())
+    assert model.calls == 2
+
+
+def test_predict_step_translates_batches(tmp_path):
+    model = tiny_model(max_decode_len_a=0.0, max_decode_len_b=5)
+    predictions = trainer(tmp_path).predict(model, CopyTaskDataModule(num_samples=4, batch_size=2))
+    assert len(predictions) == 2 and all(len(batch) == 2 for batch in predictions)
+    assert all(len(hyp) <= 5 and 2 not in hyp for batch in predictions for hyp in batch)
