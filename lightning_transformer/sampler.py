@@ -1,0 +1,147 @@
+"""Length-bucketed batches under a padded-token budget, shardable and resumable."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Sampler
+
+
+class TokenBudgetBatchSampler(Sampler[list[int]]):
+    """Yield lists of example indices whose padded size stays within a budget.
+
+    Each epoch, examples are shuffled, then stably sorted by length (so equal
+    lengths end up in random order), cut greedily into batches, and the batch
+    order is shuffled; this is fairseq's recipe and keeps padding low while
+    batch composition still varies between epochs. The order depends only on
+    ``seed`` and the epoch set with ``set_epoch``.
+
+    With ``num_replicas > 1`` batch ``i`` goes to rank ``i % num_replicas``, so
+    ranks never share an example. When the batch count is not a multiple of
+    ``num_replicas`` and ``even_batches`` is true, the last few batches of the
+    shuffled order (fewer than ``num_replicas``) are dropped for that epoch so
+    every rank takes the same number of optimizer steps; nothing is ever
+    duplicated. With one replica every example appears exactly once per epoch.
+
+    Args:
+        lengths: per-example length in tokens, e.g. ``max(src_len, tgt_len)``.
+        max_tokens: token budget per batch, measured as ``len(batch) * longest``
+            length in the batch. Takes precedence over ``batch_size``.
+        batch_size: sentences per batch, used when ``max_tokens`` is None.
+        shuffle: shuffle examples and batches; if False batches come sorted by length.
+        seed: base seed; the epoch is added so every epoch has its own order.
+        num_replicas: number of data-parallel ranks.
+        rank: this process's rank, in ``[0, num_replicas)``.
+        even_batches: drop surplus batches so all ranks get the same count
+            (needed for training); if False, ranks may differ by one batch
+            and every example is visited (fine for evaluation).
+    """
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        max_tokens: int | None = None,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        even_batches: bool = True,
+    ) -> None:
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        if self.lengths.ndim != 1 or len(self.lengths) == 0:
+            raise ValueError("lengths must be a non-empty 1-D sequence of example lengths; got no examples.")
+        if max_tokens is None and batch_size is None:
+            raise ValueError("Both max_tokens and batch_size are None. Set max_tokens (e.g. 4096) or batch_size.")
+        if max_tokens is not None and max_tokens <= 0:
+            raise ValueError(f"max_tokens={max_tokens} must be a positive number of tokens, e.g. 4096.")
+        if max_tokens is None and batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be a positive number of sentences, e.g. 64.")
+        if max_tokens is not None and self.lengths.max() > max_tokens:
+            longest = int(self.lengths.argmax())
+            raise ValueError(
+                f"Example {longest} is {self.lengths.max()} tokens long, more than max_tokens={max_tokens}, "
+                "so it fits in no batch. Raise max_tokens or drop examples longer than it."
+            )
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank} is outside [0, num_replicas={num_replicas}). Pass the process's rank.")
+        self.max_tokens = max_tokens
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.even_batches = even_batches
+        self.epoch = 0
+        self._start = 0
+        self._yielded = 0
+        self._num_batches = len(self._all_batches(np.random.default_rng(0)))
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order the next iteration follows.
+
+        Setting the epoch already set keeps a pending resume from ``load_state_dict``.
+        """
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._start = 0
+            self._yielded = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """Return ``{"epoch", "seed", "batches_yielded"}`` for the current epoch."""
+        return {"epoch": self.epoch, "seed": self.seed, "batches_yielded": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Make the next iteration yield the batches of ``state["epoch"]`` not yet yielded."""
+        missing = {"epoch", "seed", "batches_yielded"} - state.keys()
+        if missing:
+            raise ValueError(
+                f"The sampler state lacks {sorted(missing)}. Pass a dict returned by TokenBudgetBatchSampler.state_dict."
+            )
+        self.epoch = int(state["epoch"])
+        self.seed = int(state["seed"])
+        self._start = self._yielded = int(state["batches_yielded"])
+
+    def __len__(self) -> int:
+        """Batches this rank yields in a full epoch (a resumed epoch yields the remainder)."""
+        if self.even_batches:
+            return self._num_batches // self.num_replicas
+        return len(range(self.rank, self._num_batches, self.num_replicas))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        batches = self._all_batches(rng)
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        stop = len(batches) - len(batches) % self.num_replicas if self.even_batches else len(batches)
+        mine = batches[self.rank : stop : self.num_replicas]
+        start, self._start = self._start, 0
+        self._yielded = start
+        for batch in mine[start:]:
+            self._yielded += 1
+            yield batch
+
+    def _all_batches(self, rng: np.random.Generator) -> list[list[int]]:
+        """Cut length-sorted examples into batches for all ranks together."""
+        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        order = order[np.argsort(self.lengths[order], kind="stable")]
+        if self.max_tokens is None:
+            return [order[i : i + self.batch_size].tolist() for i in range(0, len(order), self.batch_size)]
+        return self._pack(order)
+
+    def _pack(self, order: np.ndarray) -> list[list[int]]:
+        """Greedily fill batches in ascending length order up to ``max_tokens``.
+
+        Lengths only grow along ``order``, so the newest example is always the
+        longest and the padded cost is ``count * its length``.
+        """
+        batches = []
+        begin = 0
+        for end, length in enumerate(self.lengths[order].tolist()):
+            if (end - begin + 1) * length > self.max_tokens:
+                batches.append(order[begin:end].tolist())
+                begin = end
+        batches.append(order[begin:].tolist())
+        return batches
