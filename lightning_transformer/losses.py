@@ -10,9 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Rows of logits processed at once in the label-smoothing kernel: bounds its float32 scratch memory
-# to CHUNK_ROWS x vocab no matter how many tokens a batch holds.
-CHUNK_ROWS = 1024
+# Logit elements processed at once by the label-smoothing kernel: bounds its float32 scratch memory
+# (16 MiB) whatever the batch and vocabulary sizes.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(rows: int, vocab: int):
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    return ((start, min(start + step, rows)) for start in range(0, rows, step))
 
 
 def compute_loss(logits: Tensor, targets: Tensor, pad_token_id: int = 0) -> Tensor:
@@ -50,10 +55,10 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         off_value = smoothing / (vocab - 2)
         lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
         row_sum = torch.empty_like(lse)
-        for start in range(0, logits.size(0), CHUNK_ROWS):
-            chunk = logits[start : start + CHUNK_ROWS].float()
-            lse[start : start + CHUNK_ROWS] = torch.logsumexp(chunk, dim=-1)
-            row_sum[start : start + CHUNK_ROWS] = chunk.sum(dim=-1)
+        for start, end in _row_chunks(*logits.shape):
+            chunk = logits[start:end].float()
+            lse[start:end] = torch.logsumexp(chunk, dim=-1)
+            row_sum[start:end] = chunk.sum(dim=-1)
         z_target = logits.gather(1, targets[:, None]).squeeze(1).float()
         z_pad = logits[:, pad_token_id].float()
         loss = lse - (1.0 - smoothing) * z_target - off_value * (row_sum - z_target - z_pad)
@@ -68,8 +73,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         off_value = smoothing / (logits.size(-1) - 2)
         rows = torch.arange(logits.size(0), device=logits.device)
         grad = torch.empty_like(logits)
-        for start in range(0, logits.size(0), CHUNK_ROWS):
-            end = start + CHUNK_ROWS
+        for start, end in _row_chunks(*logits.shape):
             g = (logits[start:end].float() - lse[start:end, None]).exp_()
             g.sub_(off_value)
             g[:, pad] += off_value

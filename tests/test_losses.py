@@ -45,7 +45,7 @@ def test_label_smoothing_gradient_equals_explicit_distribution():
 
 
 def test_chunked_kernel_spans_chunks(monkeypatch):
-    monkeypatch.setattr(losses, "CHUNK_ROWS", 4)
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 4 * 11)  # 4 rows a chunk
     logits, targets = make_batch(tokens=(5, 3))
     leaf = logits.clone().requires_grad_()
     LabelSmoothingLoss(11, 0.2)(leaf, targets).backward()
