@@ -144,7 +144,7 @@ class Seq2SeqTransformer(LightningModule):
         self._batch_tokens = int((tgt_output != self.pad_token_id).sum())
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/loss", loss, prog_bar=True, batch_size=src.size(0))
-        self.log("train/lr", lr, prog_bar=True, batch_size=src.size(0))
+        self.log("train/lr", lr, batch_size=src.size(0))
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
