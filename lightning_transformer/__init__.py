@@ -1,6 +1,6 @@
 """Encoder-decoder Transformers for translation, trained the "Attention Is All You Need" way."""
 
-from .decoding import greedy_decode
+from .decoding import Hypothesis, beam_search, greedy_decode, length_penalty
 from .losses import LabelSmoothingLoss, compute_loss
 from .masks import create_causal_mask, create_combined_mask, create_padding_mask
 from .model import Seq2SeqTransformer
@@ -8,6 +8,7 @@ from .schedules import cosine_lambda, cosine_schedule, noam_lambda, noam_schedul
 from .transformer import Transformer
 
 __all__ = [
+    "Hypothesis",
     "LabelSmoothingLoss",
     "Seq2SeqTransformer",
     "Transformer",
@@ -17,7 +18,9 @@ __all__ = [
     "create_causal_mask",
     "create_combined_mask",
     "create_padding_mask",
+    "beam_search",
     "greedy_decode",
+    "length_penalty",
     "noam_lambda",
     "noam_schedule",
 ]

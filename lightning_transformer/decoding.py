@@ -1,39 +1,164 @@
-"""Autoregressive decoding over a model's ``encode`` / ``decode`` hooks."""
+"""Autoregressive decoding, greedy and beam search, over a model's ``encode`` / ``decode`` hooks.
+
+The model is anything with ``encode(src, src_mask) -> memory``, ``init_cache()`` and
+``decode(tgt, memory, tgt_mask, src_mask, cache) -> logits`` (e.g. ``Seq2SeqTransformer``). Both
+decoders feed one new token a step through the incremental key/value cache; cross-attention keys
+and values are projected once per sentence.
+"""
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from .masks import create_combined_mask, create_padding_mask
+from .masks import create_padding_mask
+
+
+@dataclass
+class Hypothesis:
+    """A finished translation: token ids (no BOS/EOS/padding), its length-normalised score and log-probability."""
+
+    tokens: list[int]
+    score: float
+    log_prob: float
+
+
+def length_penalty(length: int, alpha: float, style: Literal["gnmt", "power"] = "gnmt") -> float:
+    """Divisor of a hypothesis' log-probability: GNMT's ``((5 + L) / 6)^alpha`` or ``L^alpha``.
+
+    ``L`` counts the generated tokens including EOS; ``alpha = 0`` ranks by log-probability.
+    """
+    if style == "gnmt":
+        return ((5.0 + length) / 6.0) ** alpha
+    if style == "power":
+        return float(length) ** alpha
+    raise ValueError(f"length penalty style must be 'gnmt' or 'power', got {style!r}.")
+
+
+def max_output_lengths(src: Tensor, pad_token_id: int, a: float, b: int) -> Tensor:
+    """Per-sentence limit ``a * source_length + b`` (at least 1), EOS included: ``(B,)`` long."""
+    source_lengths = (src != pad_token_id).sum(dim=1)
+    return (a * source_lengths + b).floor().long().clamp(min=1)
+
+
+def _reorder_cache(cache: list[dict], order: Tensor) -> None:
+    for layer in cache:
+        for state in layer.values():
+            for key, value in state.items():
+                state[key] = value.index_select(0, order)
 
 
 @torch.no_grad()
 def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token_id: int,
                   eos_token_id: int) -> list[list[int]]:
-    """Pick the most likely next token until every sentence has emitted EOS or ``max_len`` tokens.
+    """Pick the most likely next token (never padding or BOS) until every sentence has emitted EOS.
 
     Args:
-        model: anything with ``encode(src, src_mask)`` and ``decode(tgt, memory, tgt_mask, src_mask)``
-            returning logits ``(B, T, V)``, e.g. :class:`~lightning_transformer.Seq2SeqTransformer`.
         src: source ids ``(B, S)``.
-        max_len: most tokens generated per sentence, EOS included.
+        max_len: most tokens generated per sentence, EOS included: the last one is forced to EOS.
 
     Returns:
         One list of token ids per sentence, without BOS, EOS or padding.
     """
     src_mask = create_padding_mask(src, pad_token_id)
-    memory = model.encode(src, src_mask)
+    memory, cache = model.encode(src, src_mask), model.init_cache()
     ys = torch.full((src.size(0), 1), bos_token_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-    for _ in range(max_len):
-        logits = model.decode(ys, memory, create_combined_mask(ys, pad_token_id), src_mask)[:, -1]
+    for step in range(max_len):
+        logits = model.decode(ys[:, -1:], memory, None, src_mask, cache)[:, -1]
+        logits[:, [pad_token_id, bos_token_id]] = -math.inf
+        if step == max_len - 1:
+            logits[:, torch.arange(logits.size(-1), device=src.device) != eos_token_id] = -math.inf
         next_token = logits.argmax(dim=-1).masked_fill(finished, pad_token_id)
         ys = torch.cat([ys, next_token[:, None]], dim=1)
         finished |= next_token == eos_token_id
         if finished.all():
             break
-    hypotheses = []
-    for row in ys[:, 1:].tolist():
-        hypotheses.append(row[: row.index(eos_token_id)] if eos_token_id in row else row)
-    return hypotheses
+    return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in ys[:, 1:].tolist()]
+
+
+@torch.no_grad()
+def beam_search(
+    model,
+    src: Tensor,
+    beam_size: int = 4,
+    max_len_a: float = 1.2,
+    max_len_b: int = 10,
+    pad_token_id: int = 0,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    alpha: float = 0.6,
+    penalty_style: Literal["gnmt", "power"] = "gnmt",
+    nbest: int = 1,
+) -> list[list[Hypothesis]]:
+    """Batched beam search with a per-sentence length limit and length-normalised final scores.
+
+    Each step extends every live beam by every token, keeps the ``2 * beam_size`` best
+    continuations per sentence, moves those ending in EOS and ranked within the top
+    ``beam_size`` to the sentence's finished list, and continues with the ``beam_size`` best
+    others. A sentence is done once it has ``beam_size`` finished hypotheses (fairseq's rule);
+    at its length limit only EOS may follow.
+
+    Args:
+        src: source ids ``(B, S)``.
+        beam_size: live hypotheses per sentence.
+        max_len_a, max_len_b: at most ``a * source_length + b`` generated tokens (EOS included).
+        alpha: length-penalty exponent (the paper: 0.6); ``penalty_style`` picks the formula.
+        nbest: hypotheses returned per sentence, best first.
+
+    Returns:
+        For each sentence, its ``nbest`` best :class:`Hypothesis` by ``log_prob / length_penalty``.
+    """
+    if beam_size < 1 or not 1 <= nbest <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size} and {nbest}.")
+    batch, k, device = src.size(0), beam_size, src.device
+    limits = max_output_lengths(src, pad_token_id, max_len_a, max_len_b)
+    src_mask = create_padding_mask(src, pad_token_id)
+    memory = model.encode(src, src_mask).repeat_interleave(k, dim=0)  # (B*K, S, D)
+    src_mask = src_mask.repeat_interleave(k, dim=0)
+    cache = model.init_cache()
+    tokens = torch.full((batch * k, 1), bos_token_id, dtype=torch.long, device=device)
+    scores = torch.full((batch, k), -math.inf, device=device)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    done = [False] * batch
+    for step in range(int(limits.max())):
+        log_probs = model.decode(tokens[:, -1:], memory, None, src_mask, cache)[:, -1].float().log_softmax(-1)
+        vocab = log_probs.size(-1)
+        log_probs[:, [pad_token_id, bos_token_id]] = -math.inf
+        at_limit = (limits <= step + 1).repeat_interleave(k)
+        not_eos = torch.arange(vocab, device=device) != eos_token_id
+        log_probs.masked_fill_(at_limit[:, None] & not_eos[None, :], -math.inf)
+        candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)
+        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (B, 2K)
+        next_scores = torch.full((batch, k), -math.inf, device=device)
+        next_beams = torch.zeros((batch, k), dtype=torch.long, device=device)
+        next_tokens = torch.full((batch, k), pad_token_id, dtype=torch.long, device=device)
+        penalty = length_penalty(step + 1, alpha, penalty_style)
+        for b, (row_scores, row_index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
+            if done[b]:
+                continue
+            kept = 0
+            for rank, (score, index) in enumerate(zip(row_scores, row_index)):
+                if score == -math.inf or kept == k:
+                    break
+                beam, token = divmod(index, vocab)
+                if token == eos_token_id:
+                    if rank < k:
+                        prefix = tokens[b * k + beam, 1:].tolist()
+                        finished[b].append(Hypothesis(prefix, score / penalty, score))
+                    continue
+                next_scores[b, kept], next_beams[b, kept], next_tokens[b, kept] = score, beam, token
+                kept += 1
+            done[b] = len(finished[b]) >= k or kept == 0
+        if all(done):
+            break
+        order = (torch.arange(batch, device=device)[:, None] * k + next_beams).view(-1)
+        tokens = torch.cat([tokens.index_select(0, order), next_tokens.view(-1, 1)], dim=1)
+        scores = next_scores
+        _reorder_cache(cache, order)
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

@@ -47,20 +47,31 @@ class MultiHeadAttention(nn.Module):
         # (B, L, n*D) -> n tensors of (B, H, L, D/H)
         return x.view(batch, length, n, self.nhead, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, memory: Tensor | None = None,
+                cache: dict[str, Tensor] | None = None) -> Tensor:
         """Args:
             x: queries (and, for self-attention, keys/values) ``(B, T, D)``.
             mask: bool, broadcastable to ``(B, H, T, S)``.
             memory: encoder output ``(B, S, D)``; required iff ``cross``.
+            cache: incremental decoding state, updated in place: self-attention appends this
+                step's keys/values to ``cache["k"]``/``cache["v"]``; cross-attention projects
+                ``memory`` once and reuses it.
 
         Returns:
             ``(B, T, D)``.
         """
         if self.cross:
             (q,) = self._split_heads(self.q_proj(x), 1)
-            k, v = self._split_heads(self.kv_proj(memory), 2)
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = self._split_heads(self.kv_proj(memory), 2)
         else:
             q, k, v = self._split_heads(self.qkv_proj(x), 3)
+            if cache is not None and "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, D/H)
@@ -161,8 +172,14 @@ class DecoderLayer(nn.Module):
         self.cross_block = _Residual(d_model, dropout, norm_first)
         self.ff_block = _Residual(d_model, dropout, norm_first)
 
-    def forward(self, x: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None) -> Tensor:
-        """``(B, T, D)`` over ``memory`` ``(B, S, D)``; ``tgt_mask`` ``(B, 1, T, T)``, ``memory_mask`` ``(B, 1, 1, S)``."""
-        x = self.self_block(x, lambda h: self.self_attn(h, tgt_mask))
-        x = self.cross_block(x, lambda h: self.cross_attn(h, memory_mask, memory=memory))
+    def forward(self, x: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None,
+                cache: dict[str, dict[str, Tensor]] | None = None) -> Tensor:
+        """``(B, T, D)`` over ``memory`` ``(B, S, D)``; ``tgt_mask`` ``(B, 1, T, T)``, ``memory_mask`` ``(B, 1, 1, S)``.
+
+        With ``cache`` (``{"self": {}, "cross": {}}`` at the first step) ``x`` holds only the new
+        positions, which attend to every cached one.
+        """
+        self_cache, cross_cache = (cache["self"], cache["cross"]) if cache is not None else (None, None)
+        x = self.self_block(x, lambda h: self.self_attn(h, tgt_mask, cache=self_cache))
+        x = self.cross_block(x, lambda h: self.cross_attn(h, memory_mask, memory=memory, cache=cross_cache))
         return self.ff_block(x, self.feed_forward)

@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from .decoding import greedy_decode
+from .decoding import beam_search
 from .losses import LabelSmoothingLoss, compute_loss
 from .masks import create_combined_mask, create_padding_mask
 from .schedules import cosine_schedule, noam_schedule
@@ -54,7 +54,9 @@ class Seq2SeqTransformer(LightningModule):
         betas: Adam betas (paper: 0.9, 0.98).
         eps: Adam epsilon (paper: 1e-9).
         weight_decay: Adam L2 penalty.
-        max_decode_len_a: ``predict`` stops after ``a * source_length + b`` tokens (``a``).
+        beam_size: beam width of ``predict`` (paper: 4).
+        length_penalty: GNMT length-penalty exponent alpha of beam search (paper: 0.6).
+        max_decode_len_a: decoding stops after ``a * source_length + b`` tokens (``a``).
         max_decode_len_b: ``b`` of the same rule.
     """
 
@@ -87,6 +89,8 @@ class Seq2SeqTransformer(LightningModule):
         betas: tuple[float, float] = (0.9, 0.98),
         eps: float = 1e-9,
         weight_decay: float = 0.0,
+        beam_size: int = 4,
+        length_penalty: float = 0.6,
         max_decode_len_a: float = 1.2,
         max_decode_len_b: int = 10,
     ) -> None:
@@ -117,9 +121,17 @@ class Seq2SeqTransformer(LightningModule):
         """Source ids ``(B, S)`` -> memory ``(B, S, D)``."""
         return self.transformer.encode(src, src_mask)
 
-    def decode(self, tgt_input: Tensor, memory: Tensor, tgt_mask: Tensor | None, src_mask: Tensor | None) -> Tensor:
-        """Target prefix ``(B, T)`` over memory ``(B, S, D)`` -> logits ``(B, T, V)``."""
-        return self.transformer.decode(tgt_input, memory, tgt_mask, src_mask)
+    def decode(self, tgt_input: Tensor, memory: Tensor, tgt_mask: Tensor | None, src_mask: Tensor | None,
+               cache: list[dict] | None = None) -> Tensor:
+        """Target prefix ``(B, T)`` over memory ``(B, S, D)`` -> logits ``(B, T, V)``.
+
+        ``cache`` (from ``self.transformer.init_cache()``) makes ``tgt_input`` only the new positions.
+        """
+        return self.transformer.decode(tgt_input, memory, tgt_mask, src_mask, cache)
+
+    def init_cache(self) -> list[dict]:
+        """Empty incremental-decoding state for :meth:`decode`."""
+        return self.transformer.init_cache()
 
     def compute_loss(self, logits: Tensor, tgt_output: Tensor) -> Tensor:
         """Label-smoothed cross-entropy averaged over non-pad target tokens."""
@@ -160,11 +172,15 @@ class Seq2SeqTransformer(LightningModule):
         self._log_evaluation("test")
 
     def predict_step(self, batch, batch_idx: int) -> list[list[int]]:
-        """Greedy translations of the batch's sources, as token ids without bos/eos/padding."""
+        """Beam-search translations of the batch's sources, as token ids without bos/eos/padding."""
         src = batch if isinstance(batch, Tensor) else self.unpack_batch(batch, need_target=False)[0]
+        return [hyps[0].tokens for hyps in self.translate_ids(src)]
+
+    def translate_ids(self, src: Tensor, beam_size: int | None = None) -> list[list]:
+        """Beam search over source ids ``(B, S)`` with this model's decoding hyperparameters."""
         hp = self.hparams
-        max_len = int(hp.max_decode_len_a * src.size(1) + hp.max_decode_len_b)
-        return greedy_decode(self, src, max_len, self.pad_token_id, hp.bos_token_id, hp.eos_token_id)
+        return beam_search(self, src, beam_size or hp.beam_size, hp.max_decode_len_a, hp.max_decode_len_b,
+                           self.pad_token_id, hp.bos_token_id, hp.eos_token_id, hp.length_penalty)
 
     # ----- throughput -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

@@ -90,11 +90,21 @@ class Transformer(nn.Module):
             x = layer(x, src_mask)
         return self.encoder_norm(x)
 
-    def decode(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None) -> Tensor:
-        """Target prefix ids ``(B, T)`` over ``memory`` ``(B, S, D)`` -> logits ``(B, T, V_tgt)``."""
-        x = self.tgt_embed(tgt)
-        for layer in self.decoder_layers:
-            x = layer(x, memory, tgt_mask, memory_mask)
+    def init_cache(self) -> list[dict[str, dict[str, Tensor]]]:
+        """Empty incremental-decoding state: per decoder layer, self- and cross-attention keys/values."""
+        return [{"self": {}, "cross": {}} for _ in self.decoder_layers]
+
+    def decode(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None,
+               cache: list[dict] | None = None) -> Tensor:
+        """Target prefix ids ``(B, T)`` over ``memory`` ``(B, S, D)`` -> logits ``(B, T, V_tgt)``.
+
+        With ``cache`` (from :meth:`init_cache`, updated in place) ``tgt`` holds only the positions
+        after those already cached, so each step of autoregressive decoding costs one position.
+        """
+        self_cached = cache[0]["self"].get("k") if cache else None
+        x = self.tgt_embed(tgt, offset=0 if self_cached is None else self_cached.size(2))
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory, tgt_mask, memory_mask, cache=cache[i] if cache is not None else None)
         return self.generator(self.decoder_norm(x))
 
     def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None, tgt_mask: Tensor | None) -> Tensor:

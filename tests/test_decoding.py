@@ -1,0 +1,126 @@
+import math
+
+import pytest
+import torch
+
+from lightning_transformer import (
+    Seq2SeqTransformer,
+    beam_search,
+    create_combined_mask,
+    create_padding_mask,
+    greedy_decode,
+    length_penalty,
+)
+
+PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
+
+
+class TableModel:
+    """Next-token probabilities looked up from the decoded prefix: a model with known answers.
+
+    Best sequences: "b" (0.4 * 0.9 = 0.36) beats "a b" (0.6 * 0.55 * 1 = 0.33), which greedy picks.
+    """
+
+    table = {
+        (): {A: 0.6, B: 0.4},
+        (A,): {EOS: 0.45, B: 0.55},
+        (B,): {EOS: 0.9, A: 0.1},
+        (A, B): {EOS: 1.0},
+        (B, A): {EOS: 1.0},
+    }
+
+    def encode(self, src, src_mask):
+        return torch.zeros(src.size(0), src.size(1), 1)
+
+    def init_cache(self):
+        return [{"self": {}, "cross": {}}]
+
+    def decode(self, tgt, memory, tgt_mask, src_mask, cache):
+        state = cache[0]["self"]
+        state["prefix"] = torch.cat([state["prefix"], tgt], dim=1) if "prefix" in state else tgt
+        logits = torch.full((tgt.size(0), 1, 5), -math.inf)
+        for row, prefix in enumerate(state["prefix"][:, 1:].tolist()):
+            for token, p in self.table.get(tuple(prefix), {EOS: 1.0}).items():
+                logits[row, 0, token] = math.log(p)
+        return logits
+
+
+def tiny_model(**overrides):
+    torch.manual_seed(0)
+    return Seq2SeqTransformer(**{**dict(src_vocab_size=30, tgt_vocab_size=30, d_model=32, nhead=4, num_encoder_layers=2,
+                                        num_decoder_layers=2, dim_feedforward=64), **overrides}).eval()
+
+
+def test_length_penalty_formulas():
+    assert length_penalty(7, 0.6) == pytest.approx(((5 + 7) / 6) ** 0.6)
+    assert length_penalty(7, 0.6, "power") == pytest.approx(7**0.6)
+    assert length_penalty(7, 0.0) == 1.0
+    with pytest.raises(ValueError, match="gnmt"):
+        length_penalty(3, 1.0, "linear")
+
+
+def test_beam_search_finds_the_expected_hypotheses_and_scores():
+    src = torch.tensor([[5, 6, 7]])
+    (hyps,) = beam_search(TableModel(), src, beam_size=2, nbest=2, alpha=0.0, max_len_a=0, max_len_b=10)
+    assert [h.tokens for h in hyps] == [[B], [A, B]]
+    assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.4 * 0.9), math.log(0.6 * 0.55)])
+    assert [h.score for h in hyps] == pytest.approx([h.log_prob for h in hyps])
+    assert greedy_decode(TableModel(), src, 10, PAD, BOS, EOS) == [[A, B]]
+
+
+def test_length_penalty_changes_the_ranking_as_the_formula_says():
+    src = torch.tensor([[5, 6, 7]])
+    (hyps,) = beam_search(TableModel(), src, beam_size=2, nbest=2, alpha=1.0, max_len_a=0, max_len_b=10)
+    short, long = math.log(0.36) / ((5 + 2) / 6), math.log(0.33) / ((5 + 3) / 6)  # L counts EOS
+    assert long > short
+    assert [h.tokens for h in hyps] == [[A, B], [B]]
+    assert [h.score for h in hyps] == pytest.approx([long, short])
+
+
+def test_length_limit_forces_eos():
+    src = torch.tensor([[5, 6, 7]])
+    # Two tokens at most, EOS included: "a b" is cut, "a" ends with P(EOS | a) = 0.45.
+    (hyps,) = beam_search(TableModel(), src, beam_size=2, nbest=2, alpha=0.0, max_len_a=0, max_len_b=2)
+    assert [h.tokens for h in hyps] == [[B], [A]]
+    assert [h.log_prob for h in hyps] == pytest.approx([math.log(0.36), math.log(0.6 * 0.45)])
+    assert greedy_decode(TableModel(), src, 2, PAD, BOS, EOS) == [[A]]
+
+
+def test_cached_decoding_equals_full_decoding():
+    model = tiny_model(norm_first=True)
+    src = torch.randint(3, 30, (3, 7))
+    src[1, 5:] = PAD
+    tgt = torch.randint(3, 30, (3, 6))
+    tgt[:, 0] = BOS
+    src_mask = create_padding_mask(src)
+    memory = model.encode(src, src_mask)
+    full = model.decode(tgt, memory, create_combined_mask(tgt), src_mask)
+    cache = model.init_cache()
+    steps = [model.decode(tgt[:, t : t + 1], memory, None, src_mask, cache) for t in range(tgt.size(1))]
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_beam_size_one_equals_greedy():
+    model = tiny_model()
+    src = torch.randint(3, 30, (5, 6))
+    src[2, 3:] = PAD
+    greedy = greedy_decode(model, src, 9, PAD, BOS, EOS)
+    beam = beam_search(model, src, beam_size=1, alpha=0.0, max_len_a=0, max_len_b=9)
+    assert [h[0].tokens for h in beam] == greedy
+
+
+def test_outputs_respect_the_per_sentence_limit():
+    model = tiny_model()
+    src = torch.randint(3, 30, (4, 8))
+    src[0, 2:] = PAD  # two source tokens: limit 0.5 * 2 + 2 = 3
+    results = beam_search(model, src, beam_size=3, nbest=3, max_len_a=0.5, max_len_b=2)
+    limits = [int(0.5 * n + 2) for n in (src != PAD).sum(1).tolist()]
+    for hyps, limit in zip(results, limits):
+        assert len(hyps) == 3
+        assert all(len(h.tokens) + 1 <= limit and EOS not in h.tokens and PAD not in h.tokens for h in hyps)
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+
+
+def test_bad_beam_arguments_are_refused():
+    with pytest.raises(ValueError, match="nbest"):
+        beam_search(TableModel(), torch.tensor([[5]]), beam_size=2, nbest=3)
