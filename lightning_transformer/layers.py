@@ -7,10 +7,24 @@ Tensor shapes: ``B`` batch, ``S`` source length, ``T`` target length, ``D`` mode
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Measured on a 2-core AMX CPU (benchmarks/, shared PERF_NOTES): in bf16/fp16 training at short
+# lengths SDPA's default CPU kernel is 1.5-3.5x slower than its math kernel; from ~256 keys, or in
+# fp32, or without gradients, the default kernel wins.
+_MATH_KERNEL_MAX_KEYS = 128
+
+
+def _attention_context(q: Tensor, keys: int):
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type == "cpu" and low_precision and torch.is_grad_enabled() and keys <= _MATH_KERNEL_MAX_KEYS:
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 class MultiHeadAttention(nn.Module):
@@ -72,9 +86,10 @@ class MultiHeadAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, D/H)
+        with _attention_context(q, k.size(2)):
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
+            )  # (B, H, T, D/H)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
