@@ -1,4 +1,4 @@
-"""Length-bucketed batches under a padded-token budget, shardable and resumable."""
+"""Length-bucketed batches under a padded-token budget, shardable and resumable, and their loader."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.data import DataLoader, Sampler
+
+Batch = dict[str, torch.Tensor]
 
 
 class TokenBudgetBatchSampler(Sampler[list[int]]):
@@ -89,6 +93,11 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             self._start = 0
             self._yielded = 0
 
+    @property
+    def start_batch(self) -> int:
+        """Index of the first batch the next iteration yields (non-zero after a resume)."""
+        return self._start
+
     def state_dict(self) -> dict[str, int]:
         """Return ``{"epoch", "seed", "batches_yielded"}`` for the current epoch."""
         return {"epoch": self.epoch, "seed": self.seed, "batches_yielded": self._yielded}
@@ -145,3 +154,56 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
                 begin = end
         batches.append(order[begin:].tolist())
         return batches
+
+
+def collate(examples: dict[str, list[list[int]]], pad_id: int) -> Batch:
+    """Pad a batch of id lists to its longest sequence.
+
+    Args:
+        examples: ``{"src_ids": [...], "tgt_ids": [...]}``, one id list per sentence.
+        pad_id: id used for padding.
+
+    Returns:
+        ``{"src": (B, S), "tgt": (B, T)}`` int64 tensors.
+    """
+    return {
+        key: pad_sequence([torch.tensor(ids) for ids in examples[column]], batch_first=True, padding_value=pad_id)
+        for key, column in (("src", "src_ids"), ("tgt", "tgt_ids"))
+    }
+
+
+class ResumableDataLoader(DataLoader):
+    """DataLoader over a ``TokenBudgetBatchSampler`` whose position survives checkpoints.
+
+    Lightning saves ``state_dict()`` in checkpoints and restores it on resume,
+    so an interrupted epoch continues with the batches it had not trained on.
+    A batch counts as consumed once this loader has handed it out; Lightning
+    does not prefetch from loaders that have a length, so resuming neither
+    repeats nor skips a batch.
+
+    Args:
+        dataset: rows indexable by a list of indices, e.g. a ``datasets.Dataset``.
+        sampler: yields the index list of each batch.
+        **kwargs: passed to ``DataLoader`` (``num_workers``, ``collate_fn``, ...).
+    """
+
+    def __init__(self, dataset: Any, sampler: TokenBudgetBatchSampler, **kwargs: Any) -> None:
+        # batch_size=None hands each index list to the dataset in one call, which
+        # datasets answers with one Arrow read instead of one read per sentence.
+        super().__init__(dataset, sampler=sampler, batch_size=None, **kwargs)
+        self._consumed = 0
+        self._epoch = sampler.epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._epoch, self._consumed = self.sampler.epoch, self.sampler.start_batch
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if self._epoch != self.sampler.epoch:  # a new epoch was set but not started yet
+            return self.sampler.state_dict()
+        return {**self.sampler.state_dict(), "batches_yielded": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.load_state_dict(state)

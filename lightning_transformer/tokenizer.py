@@ -11,6 +11,7 @@ from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Ids are fixed so that masks, losses and checkpoints never depend on training order.
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
 
 class Tokenizer:
@@ -75,19 +76,19 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        return SPECIAL_TOKENS.index(PAD)
+        return PAD_ID
 
     @property
     def bos_id(self) -> int:
-        return SPECIAL_TOKENS.index(BOS)
+        return BOS_ID
 
     @property
     def eos_id(self) -> int:
-        return SPECIAL_TOKENS.index(EOS)
+        return EOS_ID
 
     @property
     def unk_id(self) -> int:
-        return SPECIAL_TOKENS.index(UNK)
+        return UNK_ID
 
     def encode(self, text: str) -> list[int]:
         """Return the ids of ``text`` without ``<s>`` or ``</s>``."""

@@ -1,0 +1,277 @@
+"""``TranslationDataModule``: parallel text to padded id batches, with a cached tokenizer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from datasets import Dataset
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
+
+from .corpus import load_pairs
+from .sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+
+class TranslationDataModule(LightningDataModule):
+    """Parallel corpus to ``{"src", "tgt"}`` batches, sized by a padded-token budget.
+
+    Batches hold ``src`` ids ``(B, S)`` ending in ``</s>`` and ``tgt`` ids
+    ``(B, T)`` wrapped in ``<s> ... </s>``, both padded with id 0. Training
+    batches are reshuffled every epoch from ``seed``; evaluation batches
+    always come in the same order. The tokenizer is saved in checkpoints, so
+    a checkpoint alone is enough to translate.
+
+    Under DDP, each rank reads its own shard, so the Trainer must be created
+    with ``use_distributed_sampler=False``.
+
+    Args:
+        dataset: "default" for the embedded Tatoeba English-Spanish corpus, a
+            local folder, or a Hugging Face hub name.
+        format: "auto", "default", "text" ({split}.{lang}[.gz] files), "tsv"
+            ({split}.tsv[.gz] with language-code header), "jsonl" ({split}.jsonl
+            with a "translation" object), "disk" (save_to_disk folder) or "hub".
+        src_lang: source language code.
+        tgt_lang: target language code.
+        vocab_size: size of the joint BPE vocabulary to train, which the model's
+            embeddings use; a given tokenizer must not be larger.
+        max_tokens: most padded tokens per batch (sentences x longest sequence).
+            Takes precedence over batch_size.
+        batch_size: sentences per batch, used only when max_tokens is None.
+        max_length: longest sequence in tokens, special tokens included. Longer
+            training pairs are dropped; longer evaluation pairs are truncated.
+        num_workers: DataLoader worker processes.
+        seed: seed of the per-epoch shuffling.
+        tokenizer_path: an existing tokenizer.json to use instead of training one.
+        cache_dir: folder for the trained tokenizer and tokenised splits
+            (default: $XDG_CACHE_HOME/lightning_transformer or ~/.cache/lightning_transformer).
+        dataset_config: configuration name of a hub dataset, e.g. "de-en".
+    """
+
+    def __init__(
+        self,
+        dataset: str = "default",
+        format: str = "auto",
+        src_lang: str = "en",
+        tgt_lang: str = "es",
+        vocab_size: int = 8000,
+        max_tokens: int | None = 4096,
+        batch_size: int | None = None,
+        max_length: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        tokenizer_path: str | None = None,
+        cache_dir: str | None = None,
+        dataset_config: str | None = None,
+    ) -> None:
+        super().__init__()
+        if max_tokens is None and batch_size is None:
+            raise ValueError("max_tokens and batch_size are both None. Set max_tokens (e.g. 4096) or batch_size.")
+        if max_tokens is not None and max_tokens < max_length:
+            raise ValueError(
+                f"max_tokens={max_tokens} is below max_length={max_length}, so the longest pairs fit in no batch. "
+                "Raise max_tokens or lower max_length."
+            )
+        if src_lang == tgt_lang:
+            raise ValueError(f"src_lang and tgt_lang are both {src_lang!r}. Choose two different languages.")
+        self.save_hyperparameters()
+        self.vocab_size = vocab_size
+        self.tokenizer: Tokenizer | None = None
+        self.splits: dict[str, Dataset] = {}
+        self._pairs: dict[str, list[tuple[str, str]]] | None = None
+
+    @property
+    def pad_id(self) -> int:
+        """Id that pads batches (always 0)."""
+        return PAD_ID
+
+    @property
+    def bos_id(self) -> int:
+        """Id that starts every ``tgt`` row (always 1)."""
+        return BOS_ID
+
+    @property
+    def eos_id(self) -> int:
+        """Id that ends every ``src`` and ``tgt`` sequence (always 2)."""
+        return EOS_ID
+
+    def prepare_data(self) -> None:
+        """Train (or find cached) the tokenizer and tokenise every split once, on one process."""
+        self._tokenise(self._load_tokenizer())
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached tokenizer and tokenised splits; save tokenizer.json next to the logs."""
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        self._tokenise(self.tokenizer)
+        trainer = self.trainer
+        if stage == "fit" and trainer is not None:
+            log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
+            if trainer.is_global_zero and log_dir:
+                self.tokenizer.save(Path(log_dir) / "tokenizer.json")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpoint the tokenizer as its JSON text."""
+        return {"tokenizer": self.tokenizer.to_str()} if self.tokenizer is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the checkpointed tokenizer, re-tokenising if it differs from the current one."""
+        if "tokenizer" not in state_dict:
+            return
+        tokenizer = self._check_vocab(Tokenizer.from_str(state_dict["tokenizer"]), "the checkpoint")
+        if tokenizer != self.tokenizer:
+            self.tokenizer = tokenizer
+            if self.splits:
+                self._tokenise(tokenizer)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        rank, world_size = self._rank_and_world_size()
+        sampler = self._sampler("train", shuffle=True, rank=rank, world_size=world_size)
+        # Lightning calls set_epoch at each epoch start; this covers loaders rebuilt mid-run.
+        if self.trainer is not None:
+            sampler.set_epoch(self.trainer.current_epoch)
+        return self._loader("train", sampler)
+
+    def val_dataloader(self) -> ResumableDataLoader:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> ResumableDataLoader:
+        if "test" not in self._split_names():
+            raise ValueError(
+                f"The dataset {self.hparams.dataset!r} has no test split. Add test files or run `validate` instead."
+            )
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> ResumableDataLoader:
+        rank, world_size = self._rank_and_world_size()
+        return self._loader(split, self._sampler(split, shuffle=False, rank=rank, world_size=world_size))
+
+    def _sampler(self, split: str, shuffle: bool, rank: int, world_size: int) -> TokenBudgetBatchSampler:
+        if split not in self.splits:
+            raise RuntimeError(f"The {split} split is not loaded. Call setup() before asking for dataloaders.")
+        return TokenBudgetBatchSampler(
+            np.asarray(self.splits[split]["length"]),
+            max_tokens=self.hparams.max_tokens,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            seed=self.hparams.seed,
+            num_replicas=world_size,
+            rank=rank,
+            # Training steps must match across ranks; evaluation must see every pair.
+            even_batches=shuffle,
+        )
+
+    def _loader(self, split: str, sampler: TokenBudgetBatchSampler) -> ResumableDataLoader:
+        return ResumableDataLoader(
+            self.splits[split].select_columns(["src_ids", "tgt_ids"]),
+            sampler,
+            collate_fn=partial(collate, pad_id=self.pad_id),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def _rank_and_world_size(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return 0, 1
+        # Lightning would otherwise wrap our sampler in a DistributedSampler, which
+        # shards a second time and pads by repeating examples.
+        if getattr(trainer._accelerator_connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "TranslationDataModule shards batches across ranks itself, but the Trainer was created with "
+                "use_distributed_sampler=True. Pass Trainer(use_distributed_sampler=False) "
+                "(trainer.use_distributed_sampler: false in a config file)."
+            )
+        return trainer.global_rank, trainer.world_size
+
+    def _pairs_by_split(self) -> dict[str, list[tuple[str, str]]]:
+        if self._pairs is None:
+            hp = self.hparams
+            self._pairs = load_pairs(hp.dataset, hp.format, hp.src_lang, hp.tgt_lang, hp.dataset_config)
+        return self._pairs
+
+    def _split_names(self) -> list[str]:
+        return list(self.splits or self._pairs_by_split())
+
+    def _cache_folder(self) -> Path:
+        """Cache folder keyed by a hash of the pairs, so edited data never reuses stale files."""
+        digest = hashlib.sha256()
+        for split, pairs in sorted(self._pairs_by_split().items()):
+            digest.update(split.encode())
+            for src, tgt in pairs:
+                digest.update(f"{src}\t{tgt}\n".encode())
+        if self.hparams.cache_dir is not None:
+            root = Path(self.hparams.cache_dir).expanduser()
+        else:
+            root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_transformer"
+        return root / digest.hexdigest()[:16]
+
+    def _load_tokenizer(self) -> Tokenizer:
+        if self.hparams.tokenizer_path is not None:
+            return self._check_vocab(Tokenizer.load(self.hparams.tokenizer_path), self.hparams.tokenizer_path)
+        path = self._cache_folder() / f"tokenizer-{self.vocab_size}.json"
+        if path.is_file():
+            return Tokenizer.load(path)
+        train = self._pairs_by_split()["train"]
+        rank_zero_info(f"Training a {self.vocab_size}-token BPE tokenizer on {len(train)} training pairs.")
+        tokenizer = Tokenizer.train((text for pair in train for text in pair), self.vocab_size, length=2 * len(train))
+        # Write then rename, so a concurrent reader never sees half a file.
+        partial_path = path.with_suffix(f".{os.getpid()}.tmp")
+        tokenizer.save(partial_path)
+        partial_path.replace(path)
+        return tokenizer
+
+    def _check_vocab(self, tokenizer: Tokenizer, source: str) -> Tokenizer:
+        if tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"The tokenizer from {source} has {tokenizer.vocab_size} tokens but vocab_size={self.vocab_size}, "
+                f"so some ids would have no embedding. Set vocab_size to at least {tokenizer.vocab_size}."
+            )
+        return tokenizer
+
+    def _tokenise(self, tokenizer: Tokenizer) -> None:
+        """Tokenise every split into ``datasets`` cache files keyed by data, tokenizer and max_length."""
+        folder = self._cache_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        key = hashlib.sha256(f"{tokenizer.to_str()}{self.hparams.max_length}".encode()).hexdigest()[:16]
+        for split, pairs in self._pairs_by_split().items():
+            raw = Dataset.from_dict({"src": [src for src, _ in pairs], "tgt": [tgt for _, tgt in pairs]})
+            encoded = raw.map(
+                partial(_encode, tokenizer=tokenizer, max_length=self.hparams.max_length, drop=split == "train"),
+                batched=True,
+                batch_size=10_000,
+                remove_columns=["src", "tgt"],
+                cache_file_name=str(folder / f"{split}-{key}.arrow"),
+                load_from_cache_file=True,
+                desc=f"Tokenising {split}",
+            )
+            if len(encoded) < len(raw):
+                rank_zero_info(
+                    f"Dropped {len(raw) - len(encoded)} of {len(raw)} training pairs longer than "
+                    f"max_length={self.hparams.max_length} tokens."
+                )
+            self.splits[split] = encoded
+
+
+def _encode(batch: dict[str, list[str]], tokenizer: Tokenizer, max_length: int, drop: bool) -> dict[str, list]:
+    """Encode a batch of pairs, adding ``</s>`` to sources and ``<s> ... </s>`` to targets.
+
+    Overlong pairs are dropped when ``drop`` is true and truncated otherwise.
+    """
+    out: dict[str, list] = {"src_ids": [], "tgt_ids": [], "length": []}
+    eos, bos = tokenizer.eos_id, tokenizer.bos_id
+    for src, tgt in zip(tokenizer.encode_batch(batch["src"]), tokenizer.encode_batch(batch["tgt"])):
+        src, tgt = src + [eos], [bos] + tgt + [eos]
+        if max(len(src), len(tgt)) > max_length:
+            if drop:
+                continue
+            src, tgt = src[: max_length - 1] + [eos], tgt[: max_length - 1] + [eos]
+        out["src_ids"].append(src)
+        out["tgt_ids"].append(tgt)
+        out["length"].append(max(len(src), len(tgt)))
+    return out
