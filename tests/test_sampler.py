@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+
+from lightning_transformer.sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
+
+LENGTHS = np.random.default_rng(0).integers(2, 60, size=3000)
+
+
+def flatten(batches):
+    return [i for batch in batches for i in batch]
+
+
+@pytest.mark.parametrize("options", [{"max_tokens": 512}, {"batch_size": 32}])
+def test_every_example_appears_exactly_once_per_epoch(options):
+    sampler = TokenBudgetBatchSampler(LENGTHS, **options)
+    batches = list(sampler)
+    assert len(batches) == len(sampler)
+    assert sorted(flatten(batches)) == list(range(len(LENGTHS)))
+
+
+def test_padded_cost_never_exceeds_the_budget_and_padding_is_low():
+    batches = list(TokenBudgetBatchSampler(LENGTHS, max_tokens=512))
+    padded = [len(batch) * LENGTHS[batch].max() for batch in batches]
+    assert max(padded) <= 512
+    assert 1 - LENGTHS.sum() / sum(padded) < 0.05
+
+
+def test_batch_size_mode_fixes_the_number_of_sentences():
+    sizes = sorted(len(batch) for batch in TokenBudgetBatchSampler(LENGTHS, batch_size=32))
+    assert sizes == [len(LENGTHS) % 32] + [32] * (len(LENGTHS) // 32)
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    def order(seed, epoch):
+        sampler = TokenBudgetBatchSampler(LENGTHS, max_tokens=512, seed=seed)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 1) != order(0, 2)
+    assert order(0, 1) != order(1, 1)
+
+
+def test_unshuffled_order_is_sorted_by_length():
+    batches = list(TokenBudgetBatchSampler(LENGTHS, max_tokens=512, shuffle=False))
+    assert list(LENGTHS[flatten(batches)]) == sorted(LENGTHS)
+
+
+def test_ranks_get_disjoint_shards_of_equal_size():
+    total = len(TokenBudgetBatchSampler(LENGTHS, max_tokens=500))
+    assert total % 2 == 1  # so one surplus batch must be dropped
+    ranks = [TokenBudgetBatchSampler(LENGTHS, max_tokens=500, num_replicas=2, rank=r) for r in range(2)]
+    for sampler in ranks:
+        sampler.set_epoch(3)
+    shards = [list(sampler) for sampler in ranks]
+    assert len(shards[0]) == len(shards[1]) == len(ranks[0]) == total // 2
+    assert not set(flatten(shards[0])) & set(flatten(shards[1]))
+
+
+def test_uneven_sharding_keeps_every_example():
+    ranks = [
+        TokenBudgetBatchSampler(LENGTHS, max_tokens=500, num_replicas=3, rank=r, even_batches=False) for r in range(3)
+    ]
+    shards = [list(sampler) for sampler in ranks]
+    assert [len(shard) for shard in shards] == [len(sampler) for sampler in ranks] == [66, 66, 65]
+    assert sorted(i for shard in shards for i in flatten(shard)) == list(range(len(LENGTHS)))
+
+
+def test_resuming_mid_epoch_yields_exactly_the_remaining_batches():
+    sampler = TokenBudgetBatchSampler(LENGTHS, max_tokens=512, seed=5)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    iterator = iter(sampler)
+    consumed = [next(iterator) for _ in range(7)]
+    state = sampler.state_dict()
+    assert state == {"epoch": 2, "seed": 5, "batches_yielded": 7}
+
+    resumed = TokenBudgetBatchSampler(LENGTHS, max_tokens=512)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # Lightning sets the epoch again after restoring
+    assert consumed + list(resumed) == full
+    assert list(resumed) == full  # the following iteration is a whole epoch again
+
+
+def test_loader_checkpoint_counts_batches_handed_out():
+    dataset = {"src_ids": [[5] * n for n in LENGTHS], "tgt_ids": [[6] * (n + 1) for n in LENGTHS]}
+    rows = _Rows(dataset)
+    sampler = TokenBudgetBatchSampler(LENGTHS, max_tokens=512)
+    loader = ResumableDataLoader(rows, sampler, collate_fn=lambda batch: collate(batch, pad_id=0))
+    full = [batch["src"].shape for batch in loader]
+    iterator = iter(loader)
+    [next(iterator) for _ in range(4)]
+    state = loader.state_dict()
+    assert state["batches_yielded"] == 4
+
+    fresh = ResumableDataLoader(rows, TokenBudgetBatchSampler(LENGTHS, max_tokens=512), collate_fn=loader.collate_fn)
+    fresh.load_state_dict(state)
+    assert [batch["src"].shape for batch in fresh] == full[4:]
+
+
+def test_collate_pads_with_the_pad_id():
+    batch = collate({"src_ids": [[4, 2], [4, 5, 6, 2]], "tgt_ids": [[1, 7, 2], [1, 2]]}, pad_id=0)
+    assert batch["src"].tolist() == [[4, 2, 0, 0], [4, 5, 6, 2]]
+    assert batch["tgt"].tolist() == [[1, 7, 2], [1, 2, 0]]
+
+
+def test_example_longer_than_budget_is_a_clear_error():
+    with pytest.raises(ValueError, match="more than max_tokens=10"):
+        TokenBudgetBatchSampler([3, 12, 4], max_tokens=10)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "Set max_tokens"),
+        ({"max_tokens": 0}, "max_tokens=0 must be a positive"),
+        ({"batch_size": -1}, "batch_size=-1 must be a positive"),
+        ({"max_tokens": 99, "num_replicas": 2, "rank": 2}, "rank=2 is outside"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        TokenBudgetBatchSampler(LENGTHS, **options)
+
+
+def test_incomplete_state_is_rejected():
+    with pytest.raises(ValueError, match="lacks \\['batches_yielded'\\]"):
+        TokenBudgetBatchSampler(LENGTHS, max_tokens=512).load_state_dict({"epoch": 0, "seed": 0})
+
+
+class _Rows:
+    """Columns indexable by a list of row numbers, like ``datasets.Dataset``."""
+
+    def __init__(self, columns):
+        self.columns = columns
+
+    def __len__(self):
+        return len(next(iter(self.columns.values())))
+
+    def __getitem__(self, rows):
+        return {name: [values[i] for i in rows] for name, values in self.columns.items()}
