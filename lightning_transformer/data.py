@@ -17,12 +17,16 @@ from .corpus import load_pairs
 from .sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
+_COLUMNS = ("src_ids", "tgt_ids", "length", "index")
+
 
 class TranslationDataModule(LightningDataModule):
     """Parallel corpus to ``{"src", "tgt"}`` batches, sized by a padded-token budget.
 
-    Batches hold ``src`` ids ``(B, S)`` ending in ``</s>`` and ``tgt`` ids
-    ``(B, T)`` wrapped in ``<s> ... </s>``, both padded with id 0. Training
+    Batches hold ``src`` ids ``(B, S)`` ending in ``</s>``, ``tgt`` ids
+    ``(B, T)`` wrapped in ``<s> ... </s>``, both padded with id 0, and
+    ``index`` ``(B,)``, each pair's position in its split, so that
+    ``references(split)[index]`` is its raw target text. Training
     batches are reshuffled every epoch from ``seed``; evaluation batches
     always come in the same order. The tokenizer is saved in checkpoints, so
     a checkpoint alone is enough to translate.
@@ -100,6 +104,13 @@ class TranslationDataModule(LightningDataModule):
         """Id that ends every ``src`` and ``tgt`` sequence (always 2)."""
         return EOS_ID
 
+    def references(self, split: str) -> list[str]:
+        """Raw target sentences of ``split`` ("validation" or "test"), in split order."""
+        pairs = self._pairs_by_split()
+        if split not in pairs:
+            raise ValueError(f"There is no {split!r} split; the dataset has {', '.join(pairs)}.")
+        return [tgt for _, tgt in pairs[split]]
+
     def prepare_data(self) -> None:
         """Train (or find cached) the tokenizer and tokenise every split once, on one process."""
         self._tokenise(self._load_tokenizer())
@@ -168,7 +179,7 @@ class TranslationDataModule(LightningDataModule):
 
     def _loader(self, split: str, sampler: TokenBudgetBatchSampler) -> ResumableDataLoader:
         return ResumableDataLoader(
-            self.splits[split].select_columns(["src_ids", "tgt_ids"]),
+            self.splits[split].select_columns(["src_ids", "tgt_ids", "index"]),
             sampler,
             collate_fn=partial(collate, pad_id=self.pad_id),
             num_workers=self.hparams.num_workers,
@@ -238,12 +249,15 @@ class TranslationDataModule(LightningDataModule):
         """Tokenise every split into ``datasets`` cache files keyed by data, tokenizer and max_length."""
         folder = self._cache_folder()
         folder.mkdir(parents=True, exist_ok=True)
-        key = hashlib.sha256(f"{tokenizer.to_str()}{self.hparams.max_length}".encode()).hexdigest()[:16]
+        # The column list is hashed too, so caches written by older code are never reused.
+        fingerprint = f"{tokenizer.to_str()}{self.hparams.max_length}{_COLUMNS}"
+        key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
         for split, pairs in self._pairs_by_split().items():
             raw = Dataset.from_dict({"src": [src for src, _ in pairs], "tgt": [tgt for _, tgt in pairs]})
             encoded = raw.map(
                 partial(_encode, tokenizer=tokenizer, max_length=self.hparams.max_length, drop=split == "train"),
                 batched=True,
+                with_indices=True,
                 batch_size=10_000,
                 remove_columns=["src", "tgt"],
                 cache_file_name=str(folder / f"{split}-{key}.arrow"),
@@ -258,14 +272,18 @@ class TranslationDataModule(LightningDataModule):
             self.splits[split] = encoded
 
 
-def _encode(batch: dict[str, list[str]], tokenizer: Tokenizer, max_length: int, drop: bool) -> dict[str, list]:
+def _encode(
+    batch: dict[str, list[str]], indices: list[int], tokenizer: Tokenizer, max_length: int, drop: bool
+) -> dict[str, list]:
     """Encode a batch of pairs, adding ``</s>`` to sources and ``<s> ... </s>`` to targets.
 
-    Overlong pairs are dropped when ``drop`` is true and truncated otherwise.
+    Overlong pairs are dropped when ``drop`` is true and truncated otherwise;
+    ``index`` keeps each kept pair's position in the split.
     """
-    out: dict[str, list] = {"src_ids": [], "tgt_ids": [], "length": []}
+    out: dict[str, list] = {column: [] for column in _COLUMNS}
     eos, bos = tokenizer.eos_id, tokenizer.bos_id
-    for src, tgt in zip(tokenizer.encode_batch(batch["src"]), tokenizer.encode_batch(batch["tgt"])):
+    encoded = zip(indices, tokenizer.encode_batch(batch["src"]), tokenizer.encode_batch(batch["tgt"]))
+    for index, src, tgt in encoded:
         src, tgt = src + [eos], [bos] + tgt + [eos]
         if max(len(src), len(tgt)) > max_length:
             if drop:
@@ -274,4 +292,5 @@ def _encode(batch: dict[str, list[str]], tokenizer: Tokenizer, max_length: int, 
         out["src_ids"].append(src)
         out["tgt_ids"].append(tgt)
         out["length"].append(max(len(src), len(tgt)))
+        out["index"].append(index)
     return out

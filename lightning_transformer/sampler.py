@@ -156,20 +156,23 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         return batches
 
 
-def collate(examples: dict[str, list[list[int]]], pad_id: int) -> Batch:
+def collate(examples: dict[str, list], pad_id: int) -> Batch:
     """Pad a batch of id lists to its longest sequence.
 
     Args:
-        examples: ``{"src_ids": [...], "tgt_ids": [...]}``, one id list per sentence.
+        examples: ``{"src_ids": [...], "tgt_ids": [...], "index": [...]}``, one
+            id list and one position in the split per sentence.
         pad_id: id used for padding.
 
     Returns:
-        ``{"src": (B, S), "tgt": (B, T)}`` int64 tensors.
+        ``{"src": (B, S), "tgt": (B, T), "index": (B,)}`` int64 tensors.
     """
-    return {
+    batch = {
         key: pad_sequence([torch.tensor(ids) for ids in examples[column]], batch_first=True, padding_value=pad_id)
         for key, column in (("src", "src_ids"), ("tgt", "tgt_ids"))
     }
+    batch["index"] = torch.tensor(examples["index"])
+    return batch
 
 
 class ResumableDataLoader(DataLoader):

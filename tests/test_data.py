@@ -17,8 +17,9 @@ from lightning_transformer.data import TranslationDataModule  # noqa: E402
 from lightning_transformer.tokenizer import Tokenizer  # noqa: E402
 
 MULTI30K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "multi30k"
-EN = [f"The {animal} number {i} is sleeping." for i, animal in enumerate(["cat", "dog", "bird", "horse"] * 6)]
-ES = [f"El {animal} número {i} está durmiendo." for i, animal in enumerate(["gato", "perro", "pájaro", "caballo"] * 6)]
+ANIMALS = {"cat": "gato", "dog": "perro", "bird": "pájaro", "horse": "caballo"}
+EN = [f"The {en} number {i} is sleeping{' very deeply' * (i % 3)}." for i, en in enumerate(list(ANIMALS) * 6)]
+ES = [f"El {es} número {i} duerme{' muy profundamente' * (i % 3)}." for i, es in enumerate(list(ANIMALS.values()) * 6)]
 SPLITS = {"train": slice(0, 20), "validation": slice(20, 24)}
 
 
@@ -150,14 +151,42 @@ def test_batches_follow_the_contract(folder_module):
     datamodule.prepare_data()
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    assert set(batch) == {"src", "tgt"} and batch["src"].dtype == batch["tgt"].dtype == torch.long
+    assert set(batch) == {"src", "tgt", "index"}
+    assert batch["src"].dtype == batch["tgt"].dtype == batch["index"].dtype == torch.long
     assert (batch["tgt"][:, 0] == datamodule.bos_id).all()
     for row in [*batch["src"], *batch["tgt"]]:
         ids = row[row != datamodule.pad_id]
         assert ids[-1] == datamodule.eos_id and (row[len(ids) :] == 0).all()
     texts = datamodule.tokenizer.decode_batch(batch["src"])
-    assert set(texts) <= set(EN[:20])
+    assert texts == [EN[i] for i in batch["index"].tolist()]
     assert datamodule.tokenizer.vocab_size <= datamodule.vocab_size == 200
+
+
+def test_evaluation_indices_point_at_raw_references(folder_module):
+    datamodule = folder_module(max_tokens=64)
+    datamodule.setup("validate")
+    references = datamodule.references("validation")
+    assert references == ES[20:24]
+    seen = []
+    for batch in datamodule.val_dataloader():
+        decoded = datamodule.tokenizer.decode_batch(batch["tgt"])
+        assert decoded == [references[i] for i in batch["index"].tolist()]
+        seen += batch["index"].tolist()
+    assert sorted(seen) == [0, 1, 2, 3]
+
+
+def test_overlong_training_pairs_are_dropped_and_evaluation_pairs_truncated(folder_module):
+    full = folder_module()
+    full.setup("fit")
+    lengths = [*full.splits["train"]["length"], *full.splits["validation"]["length"]]
+    limit = sorted(lengths)[len(lengths) // 2]
+    datamodule = folder_module(max_length=limit)
+    datamodule.setup("fit")
+    train, validation = datamodule.splits["train"], datamodule.splits["validation"]
+    assert len(train) == sum(length <= limit for length in full.splits["train"]["length"]) < 20
+    assert len(validation) == 4
+    assert max(*train["length"], *validation["length"]) <= limit
+    assert all(ids[-1] == datamodule.eos_id for ids in validation["tgt_ids"])
 
 
 def test_second_setup_reuses_cached_tokenizer_and_tokens(folder_module, monkeypatch):
@@ -172,7 +201,7 @@ def test_second_setup_reuses_cached_tokenizer_and_tokens(folder_module, monkeypa
     second = folder_module()
     second.setup("fit")
     assert second.tokenizer == first.tokenizer
-    assert second.splits["train"]["src_ids"] == first.splits["train"]["src_ids"]
+    assert list(second.splits["train"]["src_ids"]) == list(first.splits["train"]["src_ids"])
 
 
 def test_tokenizer_round_trips_through_state_dict(folder_module):

@@ -83,11 +83,15 @@ def test_resuming_mid_epoch_yields_exactly_the_remaining_batches():
 
 
 def test_loader_checkpoint_counts_batches_handed_out():
-    dataset = {"src_ids": [[5] * n for n in LENGTHS], "tgt_ids": [[6] * (n + 1) for n in LENGTHS]}
+    dataset = {
+        "src_ids": [[5] * n for n in LENGTHS],
+        "tgt_ids": [[6] * (n + 1) for n in LENGTHS],
+        "index": list(range(len(LENGTHS))),
+    }
     rows = _Rows(dataset)
     sampler = TokenBudgetBatchSampler(LENGTHS, max_tokens=512)
     loader = ResumableDataLoader(rows, sampler, collate_fn=lambda batch: collate(batch, pad_id=0))
-    full = [batch["src"].shape for batch in loader]
+    full = [batch["index"].tolist() for batch in loader]
     iterator = iter(loader)
     [next(iterator) for _ in range(4)]
     state = loader.state_dict()
@@ -95,13 +99,14 @@ def test_loader_checkpoint_counts_batches_handed_out():
 
     fresh = ResumableDataLoader(rows, TokenBudgetBatchSampler(LENGTHS, max_tokens=512), collate_fn=loader.collate_fn)
     fresh.load_state_dict(state)
-    assert [batch["src"].shape for batch in fresh] == full[4:]
+    assert [batch["index"].tolist() for batch in fresh] == full[4:]
 
 
 def test_collate_pads_with_the_pad_id():
-    batch = collate({"src_ids": [[4, 2], [4, 5, 6, 2]], "tgt_ids": [[1, 7, 2], [1, 2]]}, pad_id=0)
+    batch = collate({"src_ids": [[4, 2], [4, 5, 6, 2]], "tgt_ids": [[1, 7, 2], [1, 2]], "index": [8, 3]}, pad_id=0)
     assert batch["src"].tolist() == [[4, 2, 0, 0], [4, 5, 6, 2]]
     assert batch["tgt"].tolist() == [[1, 7, 2], [1, 2, 0]]
+    assert batch["index"].tolist() == [8, 3]
 
 
 def test_example_longer_than_budget_is_a_clear_error():
