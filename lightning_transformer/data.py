@@ -21,7 +21,7 @@ _COLUMNS = ("src_ids", "tgt_ids", "length", "index")
 
 
 class TranslationDataModule(LightningDataModule):
-    """Parallel corpus to ``{"src", "tgt"}`` batches, sized by a padded-token budget.
+    """Parallel corpus to padded ``src``/``tgt`` id batches, sized by a padded-token budget.
 
     Batches hold ``src`` ids ``(B, S)`` ending in ``</s>``, ``tgt`` ids
     ``(B, T)`` wrapped in ``<s> ... </s>``, both padded with id 0, and

@@ -1,5 +1,7 @@
+import lightning as L
 import numpy as np
 import pytest
+import torch
 
 from lightning_transformer.sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
 
@@ -100,6 +102,44 @@ def test_loader_checkpoint_counts_batches_handed_out():
     fresh = ResumableDataLoader(rows, TokenBudgetBatchSampler(LENGTHS, max_tokens=512), collate_fn=loader.collate_fn)
     fresh.load_state_dict(state)
     assert [batch["index"].tolist() for batch in fresh] == full[4:]
+
+
+class _Recorder(L.LightningModule):
+    """Records the indices of every training batch it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.seen = []
+
+    def train_dataloader(self):
+        lengths = LENGTHS[:300]
+        rows = _Rows({"src_ids": [[5] * n for n in lengths], "tgt_ids": [[6] * n for n in lengths], "index": range(300)})
+        sampler = TokenBudgetBatchSampler(lengths, max_tokens=512)
+        return ResumableDataLoader(rows, sampler, collate_fn=lambda batch: collate(batch, pad_id=0))
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(batch["index"].tolist())
+        return self.weight.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_lightning_resumes_mid_epoch_without_repeating_or_skipping(tmp_path):
+    def fit(module, ckpt_path=None):
+        checkpoints = L.pytorch.callbacks.ModelCheckpoint(tmp_path, every_n_train_steps=5, save_top_k=-1)
+        trainer = L.Trainer(
+            max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[checkpoints]
+        )
+        trainer.fit(module, ckpt_path=ckpt_path)
+
+    original = _Recorder()
+    fit(original)
+    resumed = _Recorder()
+    fit(resumed, ckpt_path=tmp_path / "epoch=0-step=5.ckpt")
+    assert resumed.seen == original.seen[5:]
+    assert original.seen[: len(original.seen) // 2] != original.seen[len(original.seen) // 2 :]
 
 
 def test_collate_pads_with_the_pad_id():
