@@ -8,7 +8,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from datasets import Dataset
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
@@ -166,7 +165,7 @@ class TranslationDataModule(LightningDataModule):
         if split not in self.splits:
             raise RuntimeError(f"The {split} split is not loaded. Call setup() before asking for dataloaders.")
         return TokenBudgetBatchSampler(
-            np.asarray(self.splits[split]["length"]),
+            self.splits[split].with_format("arrow")["length"].to_numpy(),
             max_tokens=self.hparams.max_tokens,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
