@@ -1,11 +1,16 @@
-"""``lightning-transformer fit|validate|test|predict``: LightningCLI over the model and data module."""
+"""``lightning-transformer``: ``fit|validate|test|predict`` through LightningCLI, plus ``translate`` and ``average``."""
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from . import averaging, translate
 from .model import Seq2SeqTransformer
+
+TOOLS = {"translate": translate.main, "average": averaging.main}
 
 
 class TransformerCLI(LightningCLI):
@@ -16,14 +21,17 @@ class TransformerCLI(LightningCLI):
             parser.link_arguments("data.vocab_size", target, apply_on="instantiate")
 
 
-def main(args=None) -> None:
+def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-transformer`` console script."""
+    argv = sys.argv[1:] if args is None else args
+    if argv and argv[0] in TOOLS:
+        TOOLS[argv[0]](argv[1:])
+        return
     TransformerCLI(
         Seq2SeqTransformer,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
         args=args,
     )
 

@@ -1,0 +1,71 @@
+"""``lightning-transformer average``: the mean of the last N checkpoints' weights (the paper's base models averaged 5)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .translate import load_checkpoint
+
+
+def average_checkpoints(paths: Sequence[str | Path]) -> dict:
+    """The last checkpoint of ``paths`` with its ``state_dict`` replaced by the element-wise mean.
+
+    Floating-point tensors are averaged in float64 and cast back; other entries come from the last
+    checkpoint. All checkpoints must hold the same parameter names and shapes.
+    """
+    if not paths:
+        raise ValueError("no checkpoints to average; pass at least one .ckpt file.")
+    total: dict[str, torch.Tensor] = {}
+    checkpoint: dict = {}
+    for path in paths:
+        checkpoint = load_checkpoint(path)
+        state = checkpoint["state_dict"]
+        if total and state.keys() != total.keys():
+            raise ValueError(f"{path} holds other parameters than {paths[0]}; average checkpoints of one run only.")
+        for name, tensor in state.items():
+            if name in total and total[name].shape != tensor.shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)} in {path} but {tuple(total[name].shape)} before.")
+            if tensor.is_floating_point():
+                total[name] = total[name] + tensor.double() if name in total else tensor.double()
+            else:
+                total[name] = tensor
+    checkpoint["state_dict"] = {
+        name: (tensor / len(paths)).to(checkpoint["state_dict"][name].dtype) if tensor.is_floating_point() else tensor
+        for name, tensor in total.items()
+    }
+    checkpoint["averaged_from"] = [str(p) for p in paths]
+    return checkpoint
+
+
+def last_checkpoints(folder: str | Path, n: int) -> list[Path]:
+    """The ``n`` most recent checkpoints in ``folder`` by training step (``last*.ckpt`` excluded)."""
+    found = [p for p in Path(folder).glob("*.ckpt") if not p.name.startswith("last")]
+    if len(found) < n:
+        raise ValueError(
+            f"{folder} holds {len(found)} step checkpoints, fewer than the {n} asked for; keep more with "
+            "ModelCheckpoint(save_top_k=-1, every_n_train_steps=...) or average fewer."
+        )
+    steps = {p: load_checkpoint(p).get("global_step", 0) for p in found}
+    return sorted(found, key=lambda p: (steps[p], p.stat().st_mtime))[-n:]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-transformer average", description=__doc__)
+    parser.add_argument("checkpoints", nargs="*", help="checkpoint files to average")
+    parser.add_argument("--dir", help="average the last --last checkpoints of this folder instead")
+    parser.add_argument("--last", type=int, default=5)
+    parser.add_argument("--output", "-o", required=True, help="where the averaged checkpoint goes (must not exist)")
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    if output.exists():
+        raise SystemExit(f"error: {output} exists; choose another --output, averaging never overwrites a file.")
+    paths = last_checkpoints(args.dir, args.last) if args.dir else args.checkpoints
+    averaged = average_checkpoints(paths)
+    tmp = output.with_name(output.name + ".tmp")
+    torch.save(averaged, tmp)
+    tmp.replace(output)
+    print(f"averaged {len(paths)} checkpoints into {output}: " + ", ".join(str(p) for p in paths))

@@ -1,0 +1,97 @@
+"""Corpus-level sacreBLEU and chrF of beam-search translations, computed during validation and test."""
+
+from __future__ import annotations
+
+import sacrebleu
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def gather_unique(outputs: dict[int, str]) -> dict[int, str]:
+    """Every rank's ``{index: hypothesis}`` merged, one entry per index (a no-op without DDP)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return outputs
+    gathered: list[dict[int, str]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, outputs)
+    return {index: text for part in gathered for index, text in part.items()}
+
+
+class TranslationMetrics(Callback):
+    """Translate the evaluation split with beam search and log corpus sacreBLEU and chrF.
+
+    Hypotheses are detokenised with the data module's tokenizer and scored against the split's
+    raw reference text over the whole split (not averaged per batch). Under DDP every rank's
+    ``(index, hypothesis)`` pairs are gathered and de-duplicated by index, so each sentence counts
+    exactly once. The data module must provide ``tokenizer`` and ``references(split)``, and its
+    evaluation batches an ``index`` tensor of positions in the split.
+
+    Args:
+        beam_size: beam width (the paper: 4); 1 decodes greedily.
+        every_n_evaluations: decode on every n-th validation run (decoding costs far more than
+            the loss); test runs always decode.
+        log_signature: print sacreBLEU's signature after each scored run.
+    """
+
+    def __init__(self, beam_size: int = 4, every_n_evaluations: int = 1, log_signature: bool = True) -> None:
+        if beam_size < 1 or every_n_evaluations < 1:
+            raise ValueError("beam_size and every_n_evaluations must be >= 1.")
+        self.beam_size, self.every_n_evaluations, self.log_signature = beam_size, every_n_evaluations, log_signature
+        self._outputs: dict[int, str] = {}
+        self._evaluations = 0
+        self.last_scores: dict[str, float] = {}
+        self.last_hypotheses: list[str] = []
+        self.last_references: list[str] = []
+
+    def _active(self, trainer: Trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        return trainer.testing or self._evaluations % self.every_n_evaluations == 0
+
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, batch) -> None:
+        if not self._active(trainer):
+            return
+        if "index" not in batch:
+            raise KeyError("TranslationMetrics needs evaluation batches with an 'index' tensor (TranslationDataModule's).")
+        tokenizer = trainer.datamodule.tokenizer
+        hypotheses = pl_module.translate_ids(batch["src"], beam_size=self.beam_size)
+        for index, hyps in zip(batch["index"].tolist(), hypotheses):
+            self._outputs[index] = tokenizer.decode(hyps[0].tokens)
+
+    def _score(self, trainer: Trainer, pl_module: LightningModule, split: str, stage: str) -> None:
+        active = self._active(trainer)
+        if not trainer.sanity_checking and not trainer.testing:
+            self._evaluations += 1
+        if not active:
+            return
+        outputs, self._outputs = gather_unique(self._outputs), {}
+        references = trainer.datamodule.references(split)
+        order = sorted(outputs)
+        hypotheses = [outputs[i] for i in order]
+        refs = [[references[i] for i in order]]
+        bleu = sacrebleu.BLEU()
+        chrf = sacrebleu.CHRF()
+        bleu_score, chrf_score = bleu.corpus_score(hypotheses, refs), chrf.corpus_score(hypotheses, refs)
+        self.last_scores = {"bleu": bleu_score.score, "chrf": chrf_score.score, "sentences": len(order)}
+        self.last_hypotheses, self.last_references = hypotheses, refs[0]
+        device = pl_module.device
+        pl_module.log_dict(
+            {f"{stage}/bleu": torch.tensor(bleu_score.score, device=device),
+             f"{stage}/chrf": torch.tensor(chrf_score.score, device=device)},
+            prog_bar=True,
+        )
+        if self.log_signature:
+            rank_zero_info(f"{stage}: {bleu_score.format()} ({len(order)} sentences) | {bleu.get_signature()}")
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._collect(trainer, pl_module, batch)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._score(trainer, pl_module, "validation", "val")
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._score(trainer, pl_module, "test", "test")

@@ -1,0 +1,107 @@
+"""``lightning-transformer translate``: sentences in, translations out, from a checkpoint alone."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+from tqdm import tqdm
+
+from .model import Seq2SeqTransformer
+from .tokenizer import Tokenizer
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Read a Lightning checkpoint with a clear error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file written by fit.")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:
+        raise ValueError(
+            f"checkpoint {path} could not be read ({type(error).__name__}: {error}); it may be truncated or "
+            "not a Lightning checkpoint. Use another checkpoint, e.g. last.ckpt."
+        ) from error
+
+
+def tokenizer_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> Tokenizer:
+    """The tokenizer the data module stored in the checkpoint (as JSON)."""
+    for value in checkpoint.values():
+        if isinstance(value, dict) and isinstance(value.get("tokenizer"), str):
+            return Tokenizer.from_str(value["tokenizer"])
+    raise ValueError(
+        f"{path} holds no tokenizer; it was not trained with TranslationDataModule. Translate with a checkpoint "
+        "from `lightning-transformer fit`."
+    )
+
+
+def load_translator(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Seq2SeqTransformer, Tokenizer]:
+    """Model (in eval mode) and tokenizer from one checkpoint."""
+    checkpoint = load_checkpoint(path, map_location)
+    accepted = inspect.signature(Seq2SeqTransformer.__init__).parameters
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
+    model = Seq2SeqTransformer(**hparams)
+    model.load_state_dict(checkpoint["state_dict"])
+    tokenizer = tokenizer_from_checkpoint(checkpoint, path)
+    if tokenizer.vocab_size > model.tgt_vocab_size:
+        raise ValueError(
+            f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.tgt_vocab_size}; the checkpoint is inconsistent, retrain or use another checkpoint."
+        )
+    return model.eval().to(map_location), tokenizer
+
+
+def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequence[str], beam_size: int | None = None,
+              batch_size: int = 64, progress: bool = False) -> list[str]:
+    """Translate ``sentences`` with beam search, batched by length; returns them in input order."""
+    max_len = model.hparams.max_len
+    encoded = [ids[: max_len - 1] + [tokenizer.eos_id] for ids in tokenizer.encode_batch(list(sentences))]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    outputs: list[str] = [""] * len(encoded)
+    with tqdm(total=len(encoded), disable=not progress, unit="sent", file=sys.stderr) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            src = pad_sequence([torch.tensor(encoded[i]) for i in chunk], batch_first=True,
+                               padding_value=tokenizer.pad_id).to(model.device)
+            for i, hyps in zip(chunk, model.translate_ids(src, beam_size)):
+                outputs[i] = tokenizer.decode(hyps[0].tokens)
+            bar.update(len(chunk))
+    return outputs
+
+
+def _read_lines(source: Iterable[str]) -> list[str]:
+    return [line.rstrip("\n") for line in source]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lightning-transformer translate", description=__doc__)
+    parser.add_argument("checkpoint", help="a .ckpt file written by `lightning-transformer fit`")
+    parser.add_argument("--input", "-i", default="-", help="one sentence a line; '-' reads stdin")
+    parser.add_argument("--output", "-o", default="-", help="where translations go; '-' writes stdout")
+    parser.add_argument("--beam-size", type=int, default=None, help="default: the model's beam_size")
+    parser.add_argument("--batch-size", type=int, default=64, help="sentences decoded together")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_translator(args.checkpoint, args.device)
+    if args.input == "-":
+        sentences = _read_lines(sys.stdin)
+    else:
+        with open(args.input, encoding="utf-8") as handle:
+            sentences = _read_lines(handle)
+    output_path = None if args.output == "-" else Path(args.output)
+    if output_path is not None and output_path.exists():
+        raise SystemExit(f"error: {output_path} exists; choose another --output, translations never overwrite a file.")
+    translations = translate(model, tokenizer, sentences, args.beam_size, args.batch_size, progress=True)
+    text = "".join(line + "\n" for line in translations)
+    if output_path is None:
+        sys.stdout.write(text)
+    else:
+        tmp = output_path.with_name(output_path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(output_path)

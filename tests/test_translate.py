@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_transformer.translate import load_translator, tokenizer_from_checkpoint, translate
+
+SENTENCES = ["I am hungry.", "Where is the station?", "Tom likes cats.", "Go."]
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "lightning_transformer.cli", "translate", *args],
+                          capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_translate_a_file_from_a_demo_checkpoint(demo_run, tmp_path):
+    checkpoint = next(demo_run.rglob("last.ckpt"))
+    source, target = tmp_path / "in.en", tmp_path / "out.es"
+    source.write_text("\n".join(SENTENCES) + "\n", encoding="utf-8")
+    result = cli(str(checkpoint), "--input", str(source), "--output", str(target), "--beam-size", "2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = target.read_text(encoding="utf-8").splitlines()
+    model, tokenizer = load_translator(checkpoint)
+    assert lines == translate(model, tokenizer, SENTENCES, beam_size=2)
+    assert len(lines) == len(SENTENCES)
+
+
+def test_translate_reads_stdin_and_writes_stdout(small_run):
+    root, _, _ = small_run
+    result = cli(str(root / "checkpoints" / "last.ckpt"), input="\n".join(SENTENCES) + "\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(result.stdout.splitlines()) == len(SENTENCES)
+
+
+def test_translation_is_independent_of_batching(small_run):
+    root, _, _ = small_run
+    model, tokenizer = load_translator(root / "checkpoints" / "last.ckpt")
+    together = translate(model, tokenizer, SENTENCES, batch_size=4)
+    assert together == [translate(model, tokenizer, [s], batch_size=1)[0] for s in SENTENCES]
+
+
+def test_existing_output_is_never_overwritten(small_run, tmp_path):
+    root, _, _ = small_run
+    target = tmp_path / "out.txt"
+    target.write_text("keep me\n")
+    result = cli(str(root / "checkpoints" / "last.ckpt"), "--output", str(target), input="Hi.\n")
+    assert result.returncode != 0 and "exists" in result.stderr
+    assert target.read_text() == "keep me\n"
+
+
+def test_missing_and_truncated_checkpoints_give_clear_errors(small_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_translator(tmp_path / "nope.ckpt")
+    root, _, _ = small_run
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes((root / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="could not be read"):
+        load_translator(truncated)
+
+
+def test_checkpoint_without_tokenizer_is_refused(small_run, tmp_path):
+    root, _, _ = small_run
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint.pop("TranslationDataModule")
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        tokenizer_from_checkpoint(checkpoint)
