@@ -12,7 +12,7 @@ from datasets import Dataset
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 
-from .corpus import load_pairs
+from .readers import load_pairs
 from .sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
@@ -120,7 +120,8 @@ class TranslationDataModule(LightningDataModule):
             self.tokenizer = self._load_tokenizer()
         self._tokenise(self.tokenizer)
         trainer = self.trainer
-        if stage == "fit" and trainer is not None:
+        # Without a logger a run has no folder of its own (log_dir falls back to the working directory).
+        if stage == "fit" and trainer is not None and trainer.loggers:
             log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
             if trainer.is_global_zero and log_dir:
                 self.tokenizer.save(Path(log_dir) / "tokenizer.json")

@@ -12,7 +12,7 @@ import torch  # noqa: E402
 from datasets import Dataset, DatasetDict  # noqa: E402
 
 from lightning_transformer import data as data_module  # noqa: E402
-from lightning_transformer.corpus import load_pairs  # noqa: E402
+from lightning_transformer.readers import load_pairs  # noqa: E402
 from lightning_transformer.data import TranslationDataModule  # noqa: E402
 from lightning_transformer.tokenizer import Tokenizer  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset, load_from_disk
 
-DEFAULT_CORPUS = Path(__file__).parent
+DEFAULT_CORPUS = Path(__file__).parent / "corpus"
 FORMATS = ("auto", "default", "text", "tsv", "jsonl", "disk", "hub")
 # Common spellings of split names on disk, mapped to the names used everywhere else.
 SPLIT_NAMES = {
