@@ -11,6 +11,7 @@ from typing import Any
 from datasets import Dataset
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader
 
 from .readers import load_pairs
 from .sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
@@ -157,6 +158,16 @@ class TranslationDataModule(LightningDataModule):
                 f"The dataset {self.hparams.dataset!r} has no test split. Add test files or run `validate` instead."
             )
         return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """Sources of the test split (the validation split when there is none), for ``predict``."""
+        split = "test" if "test" in self._split_names() else "validation"
+        rank, world_size = self._rank_and_world_size()
+        sampler = self._sampler(split, shuffle=False, rank=rank, world_size=world_size)
+        # A plain DataLoader: Lightning rebuilds predict loaders to track batch indices, which a
+        # subclass with its own signature does not survive.
+        return DataLoader(self.splits[split].select_columns(["src_ids", "tgt_ids", "index"]), sampler=sampler,
+                          batch_size=None, collate_fn=partial(collate, pad_id=self.pad_id))
 
     def _eval_loader(self, split: str) -> ResumableDataLoader:
         rank, world_size = self._rank_and_world_size()

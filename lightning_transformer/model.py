@@ -171,10 +171,14 @@ class Seq2SeqTransformer(LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_evaluation("test")
 
-    def predict_step(self, batch, batch_idx: int) -> list[list[int]]:
-        """Beam-search translations of the batch's sources, as token ids without bos/eos/padding."""
+    def predict_step(self, batch, batch_idx: int) -> dict[str, list]:
+        """Beam-search translations of the batch's sources: ``{"tokens": ids per sentence, "index": ...}``.
+
+        Token ids exclude BOS, EOS and padding; ``index`` is the batch's ``index`` entry when it has one.
+        """
         src = batch if isinstance(batch, Tensor) else self.unpack_batch(batch, need_target=False)[0]
-        return [hyps[0].tokens for hyps in self.translate_ids(src)]
+        index = batch["index"].tolist() if isinstance(batch, Mapping) and "index" in batch else None
+        return {"tokens": [hyps[0].tokens for hyps in self.translate_ids(src)], "index": index}
 
     def translate_ids(self, src: Tensor, beam_size: int | None = None) -> list[list]:
         """Beam search over source ids ``(B, S)`` with this model's decoding hyperparameters."""

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
@@ -75,6 +76,46 @@ def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequen
     return outputs
 
 
+class TranslationWriter(BasePredictionWriter):
+    """Write ``predict`` output as detokenised text, one line per sentence in split order.
+
+    Args:
+        output: file to write; it must not exist yet (nothing is overwritten).
+    """
+
+    def __init__(self, output: str) -> None:
+        super().__init__(write_interval="epoch")
+        self.output = Path(output)
+        if self.output.exists():
+            raise FileExistsError(f"{self.output} exists; choose another output file, predictions never overwrite one.")
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        tokenizer = trainer.datamodule.tokenizer
+        lines = {}
+        for batch in predictions:
+            for position, tokens in enumerate(batch["tokens"]):
+                index = batch["index"][position] if batch["index"] is not None else len(lines)
+                lines[index] = tokenizer.decode(tokens)
+        for part in _gather(lines):
+            lines.update(part)
+        if trainer.is_global_zero:
+            _write_atomically(self.output, "".join(lines[i] + "\n" for i in sorted(lines)))
+
+
+def _gather(lines: dict[int, str]) -> list[dict[int, str]]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return []
+    gathered: list[dict[int, str]] = [{} for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather_object(gathered, lines)
+    return gathered
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def _read_lines(source: Iterable[str]) -> list[str]:
     return [line.rstrip("\n") for line in source]
 
@@ -102,6 +143,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     if output_path is None:
         sys.stdout.write(text)
     else:
-        tmp = output_path.with_name(output_path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(output_path)
+        _write_atomically(output_path, text)

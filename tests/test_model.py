@@ -179,5 +179,5 @@ def test_a_subclass_changes_one_hook(tmp_path):
 def test_predict_step_translates_batches(tmp_path):
     model = tiny_model(max_decode_len_a=0.0, max_decode_len_b=5)
     predictions = trainer(tmp_path).predict(model, CopyTaskDataModule(num_samples=4, batch_size=2))
-    assert len(predictions) == 2 and all(len(batch) == 2 for batch in predictions)
-    assert all(len(hyp) <= 5 and 2 not in hyp for batch in predictions for hyp in batch)
+    assert len(predictions) == 2 and all(len(batch["tokens"]) == 2 for batch in predictions)
+    assert all(len(hyp) <= 4 and 2 not in hyp for batch in predictions for hyp in batch["tokens"])

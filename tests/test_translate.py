@@ -1,11 +1,13 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_transformer.translate import load_translator, tokenizer_from_checkpoint, translate
+from lightning_transformer.translate import TranslationWriter, load_translator, tokenizer_from_checkpoint, translate
 
+ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["I am hungry.", "Where is the station?", "Tom likes cats.", "Go."]
 
 
@@ -65,3 +67,25 @@ def test_checkpoint_without_tokenizer_is_refused(small_run, tmp_path):
     checkpoint.pop("TranslationDataModule")
     with pytest.raises(ValueError, match="holds no tokenizer"):
         tokenizer_from_checkpoint(checkpoint)
+
+
+def test_predict_subcommand_writes_translations_in_split_order(demo_run, tmp_path):
+    checkpoint = next(demo_run.rglob("last.ckpt"))
+    output = tmp_path / "test.es"
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_transformer.cli", "predict", "--config", str(ROOT / "configs/demo.yaml"),
+         "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar",
+         "false", "--trainer.logger", "false", "--model.init_args.beam_size", "1",
+         "--trainer.callbacks+=lightning_transformer.translate.TranslationWriter",
+         f"--trainer.callbacks.output={output}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert 0 < len(lines) <= 2000
+
+
+def test_prediction_writer_refuses_an_existing_file(tmp_path):
+    (tmp_path / "out.txt").write_text("keep")
+    with pytest.raises(FileExistsError, match="exists"):
+        TranslationWriter(str(tmp_path / "out.txt"))
