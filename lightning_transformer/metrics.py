@@ -29,8 +29,8 @@ class TranslationMetrics(Callback):
 
     Args:
         beam_size: beam width (the paper: 4); 1 decodes greedily.
-        every_n_evaluations: decode on every n-th validation run (decoding costs far more than
-            the loss); test runs always decode.
+        every_n_evaluations: decode on the n-th, 2n-th, ... validation run (decoding costs far
+            more than the loss); test runs always decode.
         log_signature: print sacreBLEU's signature after each scored run.
     """
 
@@ -47,7 +47,7 @@ class TranslationMetrics(Callback):
     def _active(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:
             return False
-        return trainer.testing or self._evaluations % self.every_n_evaluations == 0
+        return trainer.testing or (self._evaluations + 1) % self.every_n_evaluations == 0
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule, batch) -> None:
         if not self._active(trainer):
