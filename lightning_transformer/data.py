@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from .readers import load_pairs
 from .sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from .tokenizer import PAD_ID, Tokenizer
 
 _COLUMNS = ("src_ids", "tgt_ids", "length", "index")
 
@@ -89,21 +89,6 @@ class TranslationDataModule(LightningDataModule):
         self.splits: dict[str, Dataset] = {}
         self._pairs: dict[str, list[tuple[str, str]]] | None = None
 
-    @property
-    def pad_id(self) -> int:
-        """Id that pads batches (always 0)."""
-        return PAD_ID
-
-    @property
-    def bos_id(self) -> int:
-        """Id that starts every ``tgt`` row (always 1)."""
-        return BOS_ID
-
-    @property
-    def eos_id(self) -> int:
-        """Id that ends every ``src`` and ``tgt`` sequence (always 2)."""
-        return EOS_ID
-
     def references(self, split: str) -> list[str]:
         """Raw target sentences of ``split`` ("validation" or "test"), in split order."""
         pairs = self._pairs_by_split()
@@ -167,7 +152,7 @@ class TranslationDataModule(LightningDataModule):
         # A plain DataLoader: Lightning rebuilds predict loaders to track batch indices, which a
         # subclass with its own signature does not survive.
         return DataLoader(self.splits[split].select_columns(["src_ids", "tgt_ids", "index"]), sampler=sampler,
-                          batch_size=None, collate_fn=partial(collate, pad_id=self.pad_id))
+                          batch_size=None, collate_fn=partial(collate, pad_id=PAD_ID))
 
     def _eval_loader(self, split: str) -> ResumableDataLoader:
         rank, world_size = self._rank_and_world_size()
@@ -192,7 +177,7 @@ class TranslationDataModule(LightningDataModule):
         return ResumableDataLoader(
             self.splits[split].select_columns(["src_ids", "tgt_ids", "index"]),
             sampler,
-            collate_fn=partial(collate, pad_id=self.pad_id),
+            collate_fn=partial(collate, pad_id=PAD_ID),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )

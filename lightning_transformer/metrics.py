@@ -6,6 +6,7 @@ import sacrebleu
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -29,15 +30,20 @@ class TranslationMetrics(Callback):
 
     Args:
         beam_size: beam width (the paper: 4); 1 decodes greedily.
-        every_n_evaluations: decode on the n-th, 2n-th, ... validation run (decoding costs far
-            more than the loss); test runs always decode.
+        length_penalty: GNMT length-penalty alpha; ``None`` uses the model's. Set it here rather than
+            on the model to change it for a checkpoint: Lightning's CLI restores model
+            hyperparameters from ``--ckpt_path`` over the command line.
+        every_n_evaluations: during ``fit``, decode on the n-th, 2n-th, ... validation run
+            (decoding costs far more than the loss); standalone validate and test runs always decode.
         log_signature: print sacreBLEU's signature after each scored run.
     """
 
-    def __init__(self, beam_size: int = 4, every_n_evaluations: int = 1, log_signature: bool = True) -> None:
+    def __init__(self, beam_size: int = 4, length_penalty: float | None = None, every_n_evaluations: int = 1,
+                 log_signature: bool = True) -> None:
         if beam_size < 1 or every_n_evaluations < 1:
             raise ValueError("beam_size and every_n_evaluations must be >= 1.")
-        self.beam_size, self.every_n_evaluations, self.log_signature = beam_size, every_n_evaluations, log_signature
+        self.beam_size, self.length_penalty = beam_size, length_penalty
+        self.every_n_evaluations, self.log_signature = every_n_evaluations, log_signature
         self._outputs: dict[int, str] = {}
         self._evaluations = 0
         self.last_scores: dict[str, float] = {}
@@ -47,7 +53,9 @@ class TranslationMetrics(Callback):
     def _active(self, trainer: Trainer) -> bool:
         if trainer.sanity_checking:
             return False
-        return trainer.testing or (self._evaluations + 1) % self.every_n_evaluations == 0
+        if trainer.state.fn != TrainerFn.FITTING:  # a standalone validate or test run always decodes
+            return True
+        return (self._evaluations + 1) % self.every_n_evaluations == 0
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule, batch) -> None:
         if not self._active(trainer):
@@ -55,13 +63,13 @@ class TranslationMetrics(Callback):
         if "index" not in batch:
             raise KeyError("TranslationMetrics needs evaluation batches with an 'index' tensor (TranslationDataModule's).")
         tokenizer = trainer.datamodule.tokenizer
-        hypotheses = pl_module.translate_ids(batch["src"], beam_size=self.beam_size)
+        hypotheses = pl_module.translate_ids(batch["src"], self.beam_size, self.length_penalty)
         for index, hyps in zip(batch["index"].tolist(), hypotheses):
             self._outputs[index] = tokenizer.decode(hyps[0].tokens)
 
     def _score(self, trainer: Trainer, pl_module: LightningModule, split: str, stage: str) -> None:
         active = self._active(trainer)
-        if not trainer.sanity_checking and not trainer.testing:
+        if not trainer.sanity_checking and trainer.state.fn == TrainerFn.FITTING:
             self._evaluations += 1
         if not active:
             return

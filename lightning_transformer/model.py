@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -125,7 +126,7 @@ class Seq2SeqTransformer(LightningModule):
                cache: list[dict] | None = None) -> Tensor:
         """Target prefix ``(B, T)`` over memory ``(B, S, D)`` -> logits ``(B, T, V)``.
 
-        ``cache`` (from ``self.transformer.init_cache()``) makes ``tgt_input`` only the new positions.
+        ``cache`` (from :meth:`init_cache`) makes ``tgt_input`` only the new positions.
         """
         return self.transformer.decode(tgt_input, memory, tgt_mask, src_mask, cache)
 
@@ -180,11 +181,12 @@ class Seq2SeqTransformer(LightningModule):
         index = batch["index"].tolist() if isinstance(batch, Mapping) and "index" in batch else None
         return {"tokens": [hyps[0].tokens for hyps in self.translate_ids(src)], "index": index}
 
-    def translate_ids(self, src: Tensor, beam_size: int | None = None) -> list[list]:
-        """Beam search over source ids ``(B, S)`` with this model's decoding hyperparameters."""
+    def translate_ids(self, src: Tensor, beam_size: int | None = None, length_penalty: float | None = None) -> list[list]:
+        """Beam search over source ids ``(B, S)``; arguments left ``None`` take this model's hyperparameters."""
         hp = self.hparams
+        alpha = hp.length_penalty if length_penalty is None else length_penalty
         return beam_search(self, src, beam_size or hp.beam_size, hp.max_decode_len_a, hp.max_decode_len_b,
-                           self.pad_token_id, hp.bos_token_id, hp.eos_token_id, hp.length_penalty)
+                           self.pad_token_id, hp.bos_token_id, hp.eos_token_id, alpha)
 
     # ----- throughput -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -205,7 +207,12 @@ class Seq2SeqTransformer(LightningModule):
             scheduler = noam_schedule(optimizer, hp.d_model, hp.warmup_steps)
         elif hp.scheduler == "cosine":
             optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, **adam)
-            scheduler = cosine_schedule(optimizer, hp.warmup_steps, self._total_steps(), hp.min_lr_ratio)
+            total = self._total_steps()
+            if total <= hp.warmup_steps:
+                rank_zero_warn(f"the run ends after {total} optimizer steps, inside the {hp.warmup_steps}-step "
+                               "warm-up, so the cosine decay never starts; shorten model.warmup_steps if unintended.")
+                total = hp.warmup_steps + 1
+            scheduler = cosine_schedule(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
         else:
             raise ValueError(f"scheduler must be 'noam' or 'cosine', got {hp.scheduler!r}.")
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -59,7 +59,7 @@ def load_translator(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequence[str], beam_size: int | None = None,
-              batch_size: int = 64, progress: bool = False) -> list[str]:
+              batch_size: int = 64, progress: bool = False, length_penalty: float | None = None) -> list[str]:
     """Translate ``sentences`` with beam search, batched by length; returns them in input order."""
     max_len = model.hparams.max_len
     encoded = [ids[: max_len - 1] + [tokenizer.eos_id] for ids in tokenizer.encode_batch(list(sentences))]
@@ -70,7 +70,7 @@ def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequen
             chunk = order[start : start + batch_size]
             src = pad_sequence([torch.tensor(encoded[i]) for i in chunk], batch_first=True,
                                padding_value=tokenizer.pad_id).to(model.device)
-            for i, hyps in zip(chunk, model.translate_ids(src, beam_size)):
+            for i, hyps in zip(chunk, model.translate_ids(src, beam_size, length_penalty)):
                 outputs[i] = tokenizer.decode(hyps[0].tokens)
             bar.update(len(chunk))
     return outputs
@@ -126,6 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--input", "-i", default="-", help="one sentence a line; '-' reads stdin")
     parser.add_argument("--output", "-o", default="-", help="where translations go; '-' writes stdout")
     parser.add_argument("--beam-size", type=int, default=None, help="default: the model's beam_size")
+    parser.add_argument("--length-penalty", type=float, default=None, help="GNMT alpha; default: the model's")
     parser.add_argument("--batch-size", type=int, default=64, help="sentences decoded together")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
@@ -138,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     output_path = None if args.output == "-" else Path(args.output)
     if output_path is not None and output_path.exists():
         raise SystemExit(f"error: {output_path} exists; choose another --output, translations never overwrite a file.")
-    translations = translate(model, tokenizer, sentences, args.beam_size, args.batch_size, progress=True)
+    translations = translate(model, tokenizer, sentences, args.beam_size, args.batch_size, progress=True,
+                             length_penalty=args.length_penalty)
     text = "".join(line + "\n" for line in translations)
     if output_path is None:
         sys.stdout.write(text)

@@ -33,6 +33,7 @@ def demo_run(tmp_path_factory) -> Path:
     result = subprocess.run(
         [sys.executable, "-m", "lightning_transformer.cli", "fit", "--config", str(ROOT / "configs/demo.yaml"),
          "--trainer.max_steps", "5", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
+         "--trainer.log_every_n_steps", "1",
          "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)],
         cwd=root, capture_output=True, text=True, timeout=600,
     )

@@ -14,7 +14,7 @@ from datasets import Dataset, DatasetDict  # noqa: E402
 from lightning_transformer import data as data_module  # noqa: E402
 from lightning_transformer.readers import load_pairs  # noqa: E402
 from lightning_transformer.data import TranslationDataModule  # noqa: E402
-from lightning_transformer.tokenizer import Tokenizer  # noqa: E402
+from lightning_transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
 MULTI30K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "multi30k"
 ANIMALS = {"cat": "gato", "dog": "perro", "bird": "pájaro", "horse": "caballo"}
@@ -153,10 +153,10 @@ def test_batches_follow_the_contract(folder_module):
     batch = next(iter(datamodule.train_dataloader()))
     assert set(batch) == {"src", "tgt", "index"}
     assert batch["src"].dtype == batch["tgt"].dtype == batch["index"].dtype == torch.long
-    assert (batch["tgt"][:, 0] == datamodule.bos_id).all()
+    assert (batch["tgt"][:, 0] == BOS_ID).all()
     for row in [*batch["src"], *batch["tgt"]]:
-        ids = row[row != datamodule.pad_id]
-        assert ids[-1] == datamodule.eos_id and (row[len(ids) :] == 0).all()
+        ids = row[row != PAD_ID]
+        assert ids[-1] == EOS_ID and (row[len(ids) :] == 0).all()
     texts = datamodule.tokenizer.decode_batch(batch["src"])
     assert texts == [EN[i] for i in batch["index"].tolist()]
     assert datamodule.tokenizer.vocab_size <= datamodule.vocab_size == 200
@@ -186,7 +186,7 @@ def test_overlong_training_pairs_are_dropped_and_evaluation_pairs_truncated(fold
     assert len(train) == sum(length <= limit for length in full.splits["train"]["length"]) < 20
     assert len(validation) == 4
     assert max(*train["length"], *validation["length"]) <= limit
-    assert all(ids[-1] == datamodule.eos_id for ids in validation["tgt_ids"])
+    assert all(ids[-1] == EOS_ID for ids in validation["tgt_ids"])
 
 
 def test_second_setup_reuses_cached_tokenizer_and_tokens(folder_module, monkeypatch):

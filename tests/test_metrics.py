@@ -1,6 +1,10 @@
+import copy
+from types import SimpleNamespace
+
 import pytest
 import sacrebleu
 from lightning.pytorch import Trainer
+from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_transformer import metrics
 from lightning_transformer.data import TranslationDataModule
@@ -27,12 +31,18 @@ def test_corpus_bleu_equals_sacrebleu_on_the_same_outputs(small_run):
     assert logged["val/chrf"] == pytest.approx(expected_chrf, abs=1e-4)
 
 
-def test_decodes_only_every_nth_validation(small_run):
-    _, model, data = small_run
+def test_fit_decodes_only_every_nth_validation(small_run, tmp_path):
+    _, trained, data = small_run
+    model = copy.deepcopy(trained)
+    calls = []
+    translate_ids = model.translate_ids
+    model.translate_ids = lambda src, *args: calls.append(len(src)) or translate_ids(src, *args)
     callback = TranslationMetrics(beam_size=1, every_n_evaluations=2)
-    assert "val/bleu" not in evaluate(model, data, callback)
-    assert "val/bleu" in evaluate(model, data, callback)
-    assert "val/bleu" not in evaluate(model, data, callback)
+    Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, max_steps=6, val_check_interval=2, limit_val_batches=1,
+            num_sanity_val_steps=0, callbacks=[callback]).fit(model, data)
+    assert len(calls) == 1  # validations after steps 2, 4 and 6: only the second decodes
+    assert "val/bleu" in evaluate(model, data, callback)  # a standalone validate always decodes
 
 
 def test_two_ranks_score_every_sentence_exactly_once(small_run, monkeypatch):
@@ -60,8 +70,10 @@ def test_two_ranks_score_every_sentence_exactly_once(small_run, monkeypatch):
 
 
 class _Trainer:
+    """What the callback reads of a Trainer inside a standalone validation run."""
+
     sanity_checking = False
-    testing = False
+    state = SimpleNamespace(fn=TrainerFn.VALIDATING)
 
     def __init__(self, datamodule):
         self.datamodule = datamodule

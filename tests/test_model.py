@@ -117,6 +117,14 @@ def test_cosine_schedule_uses_the_trainer_run_length(tmp_path):
     assert record.lrs[-1] == pytest.approx(1e-4)  # the last step reaches the floor
 
 
+def test_cosine_run_shorter_than_warmup_warns_and_warms_up(tmp_path):
+    record = RecordSteps()
+    model = tiny_model(scheduler="cosine", lr=1e-3, warmup_steps=10)
+    with pytest.warns(UserWarning, match="inside the 10-step warm-up"):
+        trainer(tmp_path, max_steps=3, callbacks=[record]).fit(model, CopyTaskDataModule())
+    assert record.lrs == pytest.approx([1e-4, 2e-4, 3e-4])
+
+
 def test_overfits_one_batch_and_greedy_decoding_copies_it(tmp_path):
     torch.manual_seed(0)
     data = CopyTaskDataModule(num_samples=8, batch_size=8)
@@ -181,3 +189,16 @@ def test_predict_step_translates_batches(tmp_path):
     predictions = trainer(tmp_path).predict(model, CopyTaskDataModule(num_samples=4, batch_size=2))
     assert len(predictions) == 2 and all(len(batch["tokens"]) == 2 for batch in predictions)
     assert all(len(hyp) <= 4 and 2 not in hyp for batch in predictions for hyp in batch["tokens"])
+
+
+def test_lightning_ema_weight_averaging_fits_the_module(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    model = tiny_model(dropout=0.0, warmup_steps=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ema = EMAWeightAveraging(decay=0.5)
+    trainer(tmp_path, max_steps=6, callbacks=[ema]).fit(model, CopyTaskDataModule())
+    averaged = ema._average_model.module.state_dict()
+    # After fit Lightning swaps the averaged weights into the module itself.
+    assert all(torch.equal(averaged[k], v) for k, v in model.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
