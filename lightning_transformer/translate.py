@@ -18,12 +18,12 @@ from .tokenizer import Tokenizer
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Read a Lightning checkpoint with a clear error for a missing or unreadable file."""
+    """Read a Lightning checkpoint without unpickling code, with a clear error for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file written by fit.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain types only: no code runs
     except Exception as error:
         raise ValueError(
             f"checkpoint {path} could not be read ({type(error).__name__}: {error}); it may be truncated or "
