@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+from .metrics import gather_unique
 from .model import Seq2SeqTransformer
 from .tokenizer import Tokenizer
 
@@ -96,18 +97,9 @@ class TranslationWriter(BasePredictionWriter):
             for position, tokens in enumerate(batch["tokens"]):
                 index = batch["index"][position] if batch["index"] is not None else len(lines)
                 lines[index] = tokenizer.decode(tokens)
-        for part in _gather(lines):
-            lines.update(part)
+        lines = gather_unique(lines)
         if trainer.is_global_zero:
             _write_atomically(self.output, "".join(lines[i] + "\n" for i in sorted(lines)))
-
-
-def _gather(lines: dict[int, str]) -> list[dict[int, str]]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return []
-    gathered: list[dict[int, str]] = [{} for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather_object(gathered, lines)
-    return gathered
 
 
 def _write_atomically(path: Path, text: str) -> None:
