@@ -49,7 +49,7 @@ def last_checkpoints(folder: str | Path, n: int) -> list[Path]:
             f"{folder} holds {len(found)} step checkpoints, fewer than the {n} asked for; keep more with "
             "ModelCheckpoint(save_top_k=-1, every_n_train_steps=...) or average fewer."
         )
-    steps = {p: load_checkpoint(p).get("global_step", 0) for p in found}
+    steps = {p: load_checkpoint(p, mmap=True).get("global_step", 0) for p in found}
     return sorted(found, key=lambda p: (steps[p], p.stat().st_mtime))[-n:]
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from functools import partial
+from collections.abc import Callable
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -146,17 +147,14 @@ class TranslationDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Sources of the test split (the validation split when there is none), for ``predict``."""
-        split = "test" if "test" in self._split_names() else "validation"
-        rank, world_size = self._rank_and_world_size()
-        sampler = self._sampler(split, shuffle=False, rank=rank, world_size=world_size)
         # A plain DataLoader: Lightning rebuilds predict loaders to track batch indices, which a
         # subclass with its own signature does not survive.
-        return DataLoader(self.splits[split].select_columns(["src_ids", "tgt_ids", "index"]), sampler=sampler,
-                          batch_size=None, collate_fn=partial(collate, pad_id=PAD_ID))
+        split = "test" if "test" in self._split_names() else "validation"
+        return self._eval_loader(split, partial(DataLoader, batch_size=None))
 
-    def _eval_loader(self, split: str) -> ResumableDataLoader:
+    def _eval_loader(self, split: str, loader: Callable[..., DataLoader] = ResumableDataLoader) -> DataLoader:
         rank, world_size = self._rank_and_world_size()
-        return self._loader(split, self._sampler(split, shuffle=False, rank=rank, world_size=world_size))
+        return self._loader(split, self._sampler(split, shuffle=False, rank=rank, world_size=world_size), loader)
 
     def _sampler(self, split: str, shuffle: bool, rank: int, world_size: int) -> TokenBudgetBatchSampler:
         if split not in self.splits:
@@ -173,10 +171,11 @@ class TranslationDataModule(LightningDataModule):
             even_batches=shuffle,
         )
 
-    def _loader(self, split: str, sampler: TokenBudgetBatchSampler) -> ResumableDataLoader:
-        return ResumableDataLoader(
+    def _loader(self, split: str, sampler: TokenBudgetBatchSampler,
+                loader: Callable[..., DataLoader] = ResumableDataLoader) -> DataLoader:
+        return loader(
             self.splits[split].select_columns(["src_ids", "tgt_ids", "index"]),
-            sampler,
+            sampler=sampler,
             collate_fn=partial(collate, pad_id=PAD_ID),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
@@ -205,6 +204,7 @@ class TranslationDataModule(LightningDataModule):
     def _split_names(self) -> list[str]:
         return list(self.splits or self._pairs_by_split())
 
+    @cached_property
     def _cache_folder(self) -> Path:
         """Cache folder keyed by a hash of the pairs, so edited data never reuses stale files."""
         digest = hashlib.sha256()
@@ -221,7 +221,7 @@ class TranslationDataModule(LightningDataModule):
     def _load_tokenizer(self) -> Tokenizer:
         if self.hparams.tokenizer_path is not None:
             return self._check_vocab(Tokenizer.load(self.hparams.tokenizer_path), self.hparams.tokenizer_path)
-        path = self._cache_folder() / f"tokenizer-{self.vocab_size}.json"
+        path = self._cache_folder / f"tokenizer-{self.vocab_size}.json"
         if path.is_file():
             return Tokenizer.load(path)
         train = self._pairs_by_split()["train"]
@@ -243,7 +243,7 @@ class TranslationDataModule(LightningDataModule):
 
     def _tokenise(self, tokenizer: Tokenizer) -> None:
         """Tokenise every split into ``datasets`` cache files keyed by data, tokenizer and max_length."""
-        folder = self._cache_folder()
+        folder = self._cache_folder
         folder.mkdir(parents=True, exist_ok=True)
         # The column list is hashed too, so caches written by older code are never reused.
         fingerprint = f"{tokenizer.to_str()}{self.hparams.max_length}{_COLUMNS}"

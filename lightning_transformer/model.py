@@ -154,7 +154,7 @@ class Seq2SeqTransformer(LightningModule):
         src_mask, tgt_mask = self.make_masks(src, tgt_input)
         logits = self(src, tgt_input, src_mask, tgt_mask)
         loss = self.compute_loss(logits, tgt_output)
-        self._batch_tokens = int((tgt_output != self.pad_token_id).sum())
+        self._batch_tokens = (tgt_output != self.pad_token_id).sum()  # read after the step: no sync here
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/loss", loss, prog_bar=True, batch_size=src.size(0))
         self.log("train/lr", lr, batch_size=src.size(0))
@@ -195,7 +195,7 @@ class Seq2SeqTransformer(LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         # Forward, backward and the optimizer step; data loading is not counted.
         elapsed = time.perf_counter() - self._batch_start
-        self.log("train/tokens_per_sec", self._batch_tokens / max(elapsed, 1e-9), batch_size=1)
+        self.log("train/tokens_per_sec", int(self._batch_tokens) / max(elapsed, 1e-9), batch_size=1)
 
     # ----- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):

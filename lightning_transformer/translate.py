@@ -18,13 +18,14 @@ from .model import Seq2SeqTransformer
 from .tokenizer import Tokenizer
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
     """Read a Lightning checkpoint without unpickling code, with a clear error for a missing or unreadable file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file written by fit.")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)  # tensors and plain types only: no code runs
+        # Tensors and plain types only: no code runs. mmap reads tensors lazily, for metadata-only uses.
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as error:
         raise ValueError(
             f"checkpoint {path} could not be read ({type(error).__name__}: {error}); it may be truncated or "
