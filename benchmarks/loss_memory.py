@@ -1,12 +1,14 @@
-"""Peak memory and time of the label-smoothing loss, forward + backward: closed form vs. materialised.
+"""Peak memory and time of the output projection + label-smoothing loss, forward + backward.
 
-The baseline is written the way the guide writes it: a full ``(tokens x vocab)`` smoothed target
-distribution multiplied with ``log_softmax``. Each variant runs in its own process; peak memory is
-the rise of the process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) above the
-resident size once the logits exist, so the logits themselves are not counted but every temporary
-and the gradient are.
+Three variants from the same decoder states ``(tokens, d_model)`` and projection ``(vocab, d_model)``:
+the guide's (project to logits, then a full ``(tokens x vocab)`` smoothed target distribution
+multiplied with ``log_softmax``), the project's closed-form :class:`LabelSmoothingLoss` on the
+projected logits, and the project's :class:`ProjectedLabelSmoothingLoss`, which fuses the projection
+so no logits tensor exists. Each variant runs in its own process; peak memory is the rise of the
+process's peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) above the resident size once
+the inputs exist: every temporary, the logits and the gradients count.
 
-    python benchmarks/loss_memory.py [--tokens 4096] [--vocab 32000] [--repeats 3]
+    python benchmarks/loss_memory.py [--tokens 4096] [--vocab 32000] [--d-model 512] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -40,21 +42,33 @@ def _kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
 
 
-def child(variant: str, tokens: int, vocab: int) -> dict:
-    from lightning_transformer import LabelSmoothingLoss
+VARIANTS = {
+    "materialised": "guide-style: logits, then materialised target distribution",
+    "closed_form": "logits, then `LabelSmoothingLoss` (closed form)",
+    "fused": "`ProjectedLabelSmoothingLoss` (projection fused, no logits)",
+}
+
+
+def child(variant: str, tokens: int, vocab: int, d_model: int) -> dict:
+    from lightning_transformer import LabelSmoothingLoss, ProjectedLabelSmoothingLoss
 
     torch.manual_seed(0)
-    logits = torch.randn(tokens, vocab, requires_grad=True)
+    states = torch.randn(tokens, d_model, requires_grad=True)
+    weight = (torch.randn(vocab, d_model) * d_model**-0.5).requires_grad_()
     targets = torch.randint(1, vocab, (tokens,))
     targets[: tokens // 10] = 0
-    loss_fn = LabelSmoothingLoss(vocab, 0.1) if variant == "closed_form" else (
-        lambda z, t: guide_label_smoothing(z, t, 0.1))
-    loss_fn(logits[:8], targets[:8]).backward()  # warm up kernels and the allocator
-    logits.grad = None
+    if variant == "fused":
+        loss_fn = ProjectedLabelSmoothingLoss(vocab, 0.1)
+    elif variant == "closed_form":
+        loss_fn = lambda h, w, t: LabelSmoothingLoss(vocab, 0.1)(h @ w.T, t)  # noqa: E731
+    else:
+        loss_fn = lambda h, w, t: guide_label_smoothing(h @ w.T, t, 0.1)  # noqa: E731
+    loss_fn(states[:8], weight, targets[:8]).backward()  # warm up kernels and the allocator
+    states.grad = weight.grad = None
     baseline = _kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     start = time.perf_counter()
-    loss = loss_fn(logits, targets)
+    loss = loss_fn(states, weight, targets)
     loss.backward()
     seconds = time.perf_counter() - start
     return {"peak_mib": (_kib("VmHWM") - baseline) / 1024, "seconds": seconds, "loss": loss.item()}
@@ -64,39 +78,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--child", choices=["closed_form", "materialised"])
+    parser.add_argument("--child", choices=VARIANTS)
     args = parser.parse_args()
+    sizes = ["--tokens", str(args.tokens), "--vocab", str(args.vocab), "--d-model", str(args.d_model)]
     if args.child:
-        print(json.dumps(child(args.child, args.tokens, args.vocab)))
+        print(json.dumps(child(args.child, args.tokens, args.vocab, args.d_model)))
         return
-    runs = {"closed_form": [], "materialised": []}
-    for _ in range(args.repeats):  # interleaved A B A B
+    runs = {variant: [] for variant in VARIANTS}
+    for _ in range(args.repeats):  # interleaved A B C A B C
         for variant in runs:
-            out = subprocess.run([sys.executable, __file__, "--child", variant, "--tokens", str(args.tokens),
-                                  "--vocab", str(args.vocab)], capture_output=True, text=True, check=True)
+            out = subprocess.run([sys.executable, __file__, "--child", variant, *sizes],
+                                 capture_output=True, text=True, check=True)
             runs[variant].append(json.loads(out.stdout))
     med = {v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mib", "seconds", "loss")} for v, rs in runs.items()}
-    ours, guide = med["closed_form"], med["materialised"]
-    grad_mib = args.tokens * args.vocab * 4 / 2**20
+    guide = med["materialised"]
+    logits_mib = args.tokens * args.vocab * 4 / 2**20
     lines = [
-        f"# Label-smoothing loss, forward + backward, {args.tokens} tokens x {args.vocab} vocab (fp32)",
+        f"# Output projection + label-smoothing loss, forward + backward: {args.tokens} tokens x "
+        f"{args.vocab} vocab, d_model {args.d_model} (fp32)",
         "",
         f"{datetime.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
-        f"{torch.get_num_threads()} threads · median of {args.repeats} interleaved runs · "
-        f"`python benchmarks/loss_memory.py --tokens {args.tokens} --vocab {args.vocab} --repeats {args.repeats}`",
+        f"{torch.get_num_threads()} threads · median of {args.repeats} interleaved runs, one process each · "
+        f"`python benchmarks/loss_memory.py {' '.join(sizes)} --repeats {args.repeats}`",
         "",
-        "| implementation | peak memory above logits (MiB) | time (ms) | loss |",
-        "|---|---:|---:|---:|",
-        f"| guide-style, materialised target distribution | {guide['peak_mib']:.0f} | {guide['seconds'] * 1e3:.0f} | {guide['loss']:.6f} |",
-        f"| `LabelSmoothingLoss` (closed form) | {ours['peak_mib']:.0f} | {ours['seconds'] * 1e3:.0f} | {ours['loss']:.6f} |",
-        "",
-        f"Ratio materialised / closed form: memory {guide['peak_mib'] / ours['peak_mib']:.2f}x, "
-        f"time {guide['seconds'] / ours['seconds']:.2f}x. The logits' gradient itself "
-        f"({grad_mib:.0f} MiB) is part of both peaks; beyond it the loss needs "
-        f"{guide['peak_mib'] - grad_mib:.0f} MiB materialised vs {ours['peak_mib'] - grad_mib:.0f} MiB closed form "
-        f"({(guide['peak_mib'] - grad_mib) / max(ours['peak_mib'] - grad_mib, 1):.0f}x).",
+        "| implementation | peak memory above inputs (MiB) | time (ms) | loss | memory vs guide | speed vs guide |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    for variant, label in VARIANTS.items():
+        row = med[variant]
+        lines.append(f"| {label} | {row['peak_mib']:.0f} | {row['seconds'] * 1e3:.0f} | {row['loss']:.6f} | "
+                     f"{guide['peak_mib'] / row['peak_mib']:.1f}x less | {guide['seconds'] / row['seconds']:.1f}x |")
+    lines += ["", f"One fp32 logits tensor is {logits_mib:.0f} MiB; the unfused variants hold it and its gradient."]
     report = "\n".join(lines) + "\n"
     print(report)
     RESULTS.mkdir(exist_ok=True)

@@ -8,6 +8,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from . import averaging, translate
+from .allocator import tune_malloc
 from .model import Seq2SeqTransformer
 
 TOOLS = {"translate": translate.main, "average": averaging.main}
@@ -24,6 +25,7 @@ class TransformerCLI(LightningCLI):
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``lightning-transformer`` console script."""
     argv = sys.argv[1:] if args is None else args
+    tune_malloc()
     if argv and argv[0] in TOOLS:
         TOOLS[argv[0]](argv[1:])
         return

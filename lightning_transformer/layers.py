@@ -7,28 +7,60 @@ Tensor shapes: ``B`` batch, ``S`` source length, ``T`` target length, ``D`` mode
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-# Measured on a 2-core AMX CPU (benchmarks/, shared PERF_NOTES): in bf16/fp16 training at short
-# lengths SDPA's default CPU kernel is 1.5-3.5x slower than its math kernel; from ~256 keys, or in
-# fp32, or without gradients, the default kernel wins.
-_MATH_KERNEL_MAX_KEYS = 128
+# Measured on a 2-core AMX CPU (benchmarks/results/attention_paths.md): in bf16 training SDPA's
+# CPU kernels are 1.6-4x slower than matmul attention up to ~256 keys (shape 64x4xTx64, forward +
+# backward); in fp32, without gradients, or for longer sequences SDPA's default kernel wins.
+_MATMUL_ATTENTION_MAX_KEYS = 256
 
 
-def _attention_context(q: Tensor, keys: int):
+def use_matmul_attention(q: Tensor, keys: int) -> bool:
+    """Whether queries ``q`` over ``keys`` keys take :func:`matmul_attention` rather than SDPA."""
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    if q.device.type == "cpu" and low_precision and torch.is_grad_enabled() and keys <= _MATH_KERNEL_MAX_KEYS:
-        return sdpa_kernel(SDPBackend.MATH)
-    return nullcontext()
+    return q.device.type == "cpu" and low_precision and torch.is_grad_enabled() and keys <= _MATMUL_ATTENTION_MAX_KEYS
+
+
+def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
+    """``softmax(q k^T / sqrt(d), masked) v`` with the scores and softmax in float32.
+
+    Shapes ``(B, H, T, d)``, ``(B, H, S, d)``, ``(B, H, S, d)``; ``mask`` bool, True = may attend,
+    broadcastable to ``(B, H, T, S)``. Masked scores are filled in float32 with its most negative
+    finite value, so no dtype overflows; a row with no key to attend gives finite, meaningless output.
+    """
+    scores = (q @ k.transpose(-2, -1)).float().mul_(q.size(-1) ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=dropout_p > 0)
+    return weights.to(v.dtype) @ v
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose CPU masks need a quarter of the random numbers.
+
+    On CPU, drawing one random number per element made dropout a sixth of a training step
+    (``benchmarks/results/profile_*``). Here each 64-bit draw gives four 16-bit numbers, so ``p``
+    is rounded to a multiple of 1/65536 and kept values are scaled by the matching exact
+    ``1 / (1 - p)``. Other devices, and ``inplace``, use ``F.dropout``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if x.device.type != "cpu" or self.inplace or self.p >= 1.0:
+            return F.dropout(x, self.p, True, self.inplace)
+        dropped = round(self.p * 65536)
+        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
+        return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))
 
 
 class MultiHeadAttention(nn.Module):
-    """Multi-head scaled dot-product attention through ``F.scaled_dot_product_attention``.
+    """Multi-head scaled dot-product attention: ``F.scaled_dot_product_attention``, or
+    :func:`matmul_attention` where that is measurably faster (CPU low-precision training).
 
     Self-attention projects queries, keys and values with one fused ``D -> 3D`` matmul;
     cross-attention projects the queries alone and the memory's keys and values with one fused
@@ -86,10 +118,11 @@ class MultiHeadAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
-        with _attention_context(q, k.size(2)):
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
-            )  # (B, H, T, D/H)
+        dropout_p = self.dropout if self.training else 0.0
+        if use_matmul_attention(q, k.size(2)):
+            out = matmul_attention(q, k, v, mask, dropout_p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D/H)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
@@ -100,11 +133,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.activation_dropout = activation_dropout
+        self.activation_dropout = Dropout(activation_dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        hidden = F.relu(self.linear1(x))
-        return self.linear2(F.dropout(hidden, self.activation_dropout, self.training))
+        return self.linear2(self.activation_dropout(F.relu(self.linear1(x))))
 
 
 def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
@@ -124,7 +156,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.token = token_embedding
         self.scale = math.sqrt(token_embedding.embedding_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.register_buffer("positions", sinusoidal_positions(max_len, token_embedding.embedding_dim), persistent=False)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
@@ -144,7 +176,7 @@ class _Residual(nn.Module):
     def __init__(self, d_model: int, dropout: float, norm_first: bool) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.norm_first = norm_first
 
     def forward(self, x: Tensor, sublayer) -> Tensor:

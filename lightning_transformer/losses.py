@@ -1,7 +1,8 @@
 """Token-level losses for sequence-to-sequence training.
 
-Both losses take logits ``(..., vocab)`` and integer targets ``(...)`` and ignore positions whose
-target is the padding id. Mean reductions divide by the number of non-pad targets.
+The losses take logits ``(..., vocab)`` (or, for :class:`ProjectedLabelSmoothingLoss`, decoder states
+``(..., d_model)`` and the output projection) with integer targets ``(...)``, and ignore positions
+whose target is the padding id. Mean reductions divide by the number of non-pad targets.
 """
 
 from __future__ import annotations
@@ -18,6 +19,31 @@ CHUNK_ELEMENTS = 1 << 22
 def _row_chunks(rows: int, vocab: int):
     step = max(1, CHUNK_ELEMENTS // vocab)
     return ((start, min(start + step, rows)) for start in range(0, rows, step))
+
+
+def _smoothed_terms(z: Tensor, targets: Tensor, smoothing: float, pad: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Float32 ``(smoothed loss, nll, log-probabilities)`` for logits ``z`` ``(N, V)``.
+
+    ``-sum_v q_v log p_v`` in closed form: ``q`` puts ``1 - eps`` on the target, ``eps / (V - 2)``
+    on every other non-pad token and 0 on padding, so ``q`` is never built.
+    """
+    off_value = smoothing / (z.size(-1) - 2)
+    log_probs = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+    target = log_probs.gather(1, targets[:, None]).squeeze(1)
+    others = log_probs.sum(-1) - target - log_probs[:, pad]
+    return -(1.0 - smoothing) * target - off_value * others, -target, log_probs
+
+
+def _smoothed_grad(log_probs: Tensor, targets: Tensor, smoothing: float, pad: int, dtype: torch.dtype) -> Tensor:
+    """Loss gradient w.r.t. the logits, ``softmax(z) - q``, as a new ``dtype`` tensor."""
+    off_value = smoothing / (log_probs.size(-1) - 2)
+    grad = torch.exp(log_probs, out=torch.empty(log_probs.shape, dtype=dtype, device=log_probs.device))
+    grad.sub_(off_value)
+    grad[:, pad] += off_value
+    rows = torch.arange(grad.size(0), device=grad.device)
+    # Written from float32 log-probabilities: p - (1 - eps) cancels badly in bf16.
+    grad[rows, targets] = (log_probs[rows, targets].exp() - (1.0 - smoothing)).to(dtype)
+    return grad
 
 
 def compute_loss(logits: Tensor, targets: Tensor, pad_token_id: int = 0) -> Tensor:
@@ -51,35 +77,76 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, smoothing: float, pad_token_id: int) -> Tensor:
-        vocab = logits.size(-1)
-        off_value = smoothing / (vocab - 2)
-        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
-        row_sum = torch.empty_like(lse)
+        loss = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
         for start, end in _row_chunks(*logits.shape):
-            chunk = logits[start:end].float()
-            lse[start:end] = torch.logsumexp(chunk, dim=-1)
-            row_sum[start:end] = chunk.sum(dim=-1)
-        z_target = logits.gather(1, targets[:, None]).squeeze(1).float()
-        z_pad = logits[:, pad_token_id].float()
-        loss = lse - (1.0 - smoothing) * z_target - off_value * (row_sum - z_target - z_pad)
-        ctx.save_for_backward(logits, targets, lse)
+            loss[start:end] = _smoothed_terms(logits[start:end], targets[start:end], smoothing, pad_token_id)[0]
+        ctx.save_for_backward(logits, targets)
         ctx.smoothing, ctx.pad_token_id = smoothing, pad_token_id
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        logits, targets, lse = ctx.saved_tensors
-        smoothing, pad = ctx.smoothing, ctx.pad_token_id
-        off_value = smoothing / (logits.size(-1) - 2)
-        rows = torch.arange(logits.size(0), device=logits.device)
+        logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start, end in _row_chunks(*logits.shape):
-            g = (logits[start:end].float() - lse[start:end, None]).exp_()
-            g.sub_(off_value)
-            g[:, pad] += off_value
-            g[rows[: g.size(0)], targets[start:end]] -= 1.0 - smoothing - off_value
+            log_probs = torch.log_softmax(logits[start:end], dim=-1, dtype=torch.float32)
+            g = _smoothed_grad(log_probs, targets[start:end], ctx.smoothing, ctx.pad_token_id, torch.float32)
             grad[start:end] = g.mul_(grad_loss[start:end, None])
         return grad, None, None, None
+
+
+class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
+    """The output projection fused with :class:`_SmoothedCrossEntropy`, summed over non-pad rows.
+
+    States ``(N, D)`` and weight ``(V, D)`` are projected a chunk of rows at a time; each chunk's
+    logits live only inside the loop. Because the result is a sum, its gradients w.r.t. the states
+    and the weight are accumulated in the same pass and backward merely scales them, so no
+    ``(N, V)`` tensor exists in forward or backward. Returns ``(smoothed loss sum, nll sum)``; the
+    nll is not differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, states: Tensor, weight: Tensor, targets: Tensor, smoothing: float, pad_token_id: int):
+        loss_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+        nll_sum = torch.zeros_like(loss_sum)
+        grad_states = torch.zeros_like(states) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        keep = (targets != pad_token_id)[:, None]
+        for start, end in _row_chunks(states.size(0), weight.size(0)):
+            chunk_targets, chunk_keep = targets[start:end], keep[start:end]
+            # Padded rows are zeroed in the states, so they add nothing to the weight's gradient.
+            chunk_states = states[start:end] * chunk_keep
+            z = F.linear(chunk_states, weight)  # autocast, if on, picks the matmul dtype
+            loss, nll, log_probs = _smoothed_terms(z, chunk_targets, smoothing, pad_token_id)
+            compute_dtype = z.dtype
+            del z
+            loss_sum += loss @ chunk_keep.squeeze(1).float()
+            nll_sum += nll @ chunk_keep.squeeze(1).float()
+            if grad_states is None and grad_weight is None:
+                continue
+            grad = _smoothed_grad(log_probs, chunk_targets, smoothing, pad_token_id, compute_dtype)
+            del log_probs
+            if grad_states is not None:
+                grad_states[start:end] = (grad @ weight) * chunk_keep
+            if grad_weight is not None and grad.dtype == grad_weight.dtype == chunk_states.dtype:
+                grad_weight.addmm_(grad.t(), chunk_states)  # no weight-sized temporary
+            elif grad_weight is not None:
+                grad_weight += grad.t() @ chunk_states
+        ctx.save_for_backward(grad_states, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        ctx.mark_non_differentiable(nll_sum)
+        return loss_sum, nll_sum
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, grad_nll: Tensor):
+        grad_states, grad_weight = ctx.saved_tensors
+        # Scaled in place: these buffers exist only for this backward, and a copy of the
+        # weight-sized gradient would be the largest allocation of the loss.
+        if grad_states is not None:
+            grad_states.mul_(grad_loss.to(grad_states.dtype))
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_states, grad_weight, None, None, None
 
 
 class LabelSmoothingLoss(nn.Module):
@@ -140,3 +207,39 @@ class LabelSmoothingLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, smoothing={self.smoothing}, pad_token_id={self.pad_token_id}"
+
+
+class ProjectedLabelSmoothingLoss(LabelSmoothingLoss):
+    """:class:`LabelSmoothingLoss` fused with the output projection ``logits = states @ weight.T``.
+
+    Same distribution and values as projecting first and calling :class:`LabelSmoothingLoss`, but
+    the ``(tokens, vocab)`` logits are never materialised, in forward or backward: peak memory is a
+    chunk of logits plus one weight-sized gradient (see ``benchmarks/loss_memory.py``).
+
+    Args: as :class:`LabelSmoothingLoss`; ``reduction`` is ``"mean"`` or ``"sum"``.
+    """
+
+    def __init__(self, vocab_size: int, smoothing: float = 0.1, pad_token_id: int = 0, reduction: str = "mean") -> None:
+        super().__init__(vocab_size, smoothing, pad_token_id, reduction)
+        if reduction == "none":
+            raise ValueError("ProjectedLabelSmoothingLoss reduces over tokens; use reduction='mean' or 'sum', "
+                             "or LabelSmoothingLoss on explicit logits for per-token losses.")
+
+    def forward(self, states: Tensor, weight: Tensor, targets: Tensor, return_nll: bool = False):
+        """Args: states ``(..., D)``, weight ``(vocab, D)``, targets ``(...)``.
+
+        Returns the reduced smoothed loss, or ``(loss, nll)`` with ``return_nll`` (nll detached).
+        """
+        if weight.size(0) != self.vocab_size or weight.size(1) != states.size(-1):
+            raise ValueError(
+                f"the output projection has shape {tuple(weight.shape)} but the loss expects "
+                f"({self.vocab_size}, {states.size(-1)}) for vocab_size={self.vocab_size} and states of width "
+                f"{states.size(-1)}; build the model and the loss from the same tokenizer."
+            )
+        flat_targets = targets.reshape(-1)
+        loss, nll = _ProjectedSmoothedCrossEntropy.apply(
+            states.reshape(-1, states.size(-1)), weight, flat_targets, self.smoothing, self.pad_token_id)
+        if self.reduction == "mean":
+            count = (flat_targets != self.pad_token_id).sum().clamp(min=1)
+            loss, nll = loss / count, nll / count
+        return (loss, nll) if return_nll else loss

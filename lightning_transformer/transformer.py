@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import DecoderLayer, Embeddings, EncoderLayer
 
@@ -27,6 +29,8 @@ class Transformer(nn.Module):
         tie_output_embeddings: the output projection reuses the target embedding table.
         pad_token_id: padding id; its embedding row stays zero.
         max_len: longest sequence the positional table covers.
+        activation_checkpointing: in training, keep only each layer's input and recompute the
+            layer in backward (less activation memory for about one extra forward).
     """
 
     def __init__(
@@ -46,6 +50,7 @@ class Transformer(nn.Module):
         tie_output_embeddings: bool = True,
         pad_token_id: int = 0,
         max_len: int = 1024,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if share_embeddings and src_vocab_size != tgt_vocab_size:
@@ -68,6 +73,7 @@ class Transformer(nn.Module):
         self.encoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.generator = nn.Linear(d_model, tgt_vocab_size, bias=False)
+        self.activation_checkpointing = activation_checkpointing
         self._reset_parameters(pad_token_id)
         if tie_output_embeddings:
             self.generator.weight = tgt_table.weight
@@ -87,16 +93,22 @@ class Transformer(nn.Module):
         """Source ids ``(B, S)`` and mask ``(B, 1, 1, S)`` -> memory ``(B, S, D)``."""
         x = self.src_embed(src)
         for layer in self.encoder_layers:
-            x = layer(x, src_mask)
+            x = self._run_layer(layer, x, src_mask)
         return self.encoder_norm(x)
+
+    def _run_layer(self, layer: nn.Module, *args, **kwargs) -> Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled() and kwargs.get("cache") is None:
+            # Non-reentrant checkpointing replays dropout with the saved RNG state: same values, same grads.
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
 
     def init_cache(self) -> list[dict[str, dict[str, Tensor]]]:
         """Empty incremental-decoding state: per decoder layer, self- and cross-attention keys/values."""
         return [{"self": {}, "cross": {}} for _ in self.decoder_layers]
 
-    def decode(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None,
-               cache: list[dict] | None = None) -> Tensor:
-        """Target prefix ids ``(B, T)`` over ``memory`` ``(B, S, D)`` -> logits ``(B, T, V_tgt)``.
+    def decode_states(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None,
+                      cache: list[dict] | None = None) -> Tensor:
+        """Target prefix ids ``(B, T)`` over ``memory`` ``(B, S, D)`` -> decoder output ``(B, T, D)``.
 
         With ``cache`` (from :meth:`init_cache`, updated in place) ``tgt`` holds only the positions
         after those already cached, so each step of autoregressive decoding costs one position.
@@ -104,8 +116,13 @@ class Transformer(nn.Module):
         self_cached = cache[0]["self"].get("k") if cache else None
         x = self.tgt_embed(tgt, offset=0 if self_cached is None else self_cached.size(2))
         for i, layer in enumerate(self.decoder_layers):
-            x = layer(x, memory, tgt_mask, memory_mask, cache=cache[i] if cache is not None else None)
-        return self.generator(self.decoder_norm(x))
+            x = self._run_layer(layer, x, memory, tgt_mask, memory_mask, cache=cache[i] if cache is not None else None)
+        return self.decoder_norm(x)
+
+    def decode(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None,
+               cache: list[dict] | None = None) -> Tensor:
+        """Logits ``(B, T, V_tgt)``: :meth:`decode_states` followed by the output projection."""
+        return self.generator(self.decode_states(tgt, memory, tgt_mask, memory_mask, cache))
 
     def forward(self, src: Tensor, tgt: Tensor, src_mask: Tensor | None, tgt_mask: Tensor | None) -> Tensor:
         """Logits ``(B, T, V_tgt)`` for target prefix ``tgt`` ``(B, T)`` given source ``src`` ``(B, S)``."""

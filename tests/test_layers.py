@@ -3,9 +3,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_transformer import create_combined_mask, create_padding_mask
-from lightning_transformer.layers import MultiHeadAttention, sinusoidal_positions
+from lightning_transformer.layers import (
+    Dropout, MultiHeadAttention, matmul_attention, sinusoidal_positions, use_matmul_attention,
+)
 
 
 def reference_attention(attn, x, mask, memory=None):
@@ -76,3 +80,74 @@ def test_sinusoidal_positions_follow_the_paper():
             angle = pos / 10000 ** (2 * i / 8)
             assert table[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-6)
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3])
+def test_dropout_keeps_the_expected_fraction_and_the_mean(p):
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    out = Dropout(p).train()(x)
+    kept = out != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=3e-3)
+    assert out.mean().item() == pytest.approx(1.0, abs=5e-3)
+    assert torch.allclose(out[kept], torch.tensor(1 / (1 - p)), rtol=1e-4)
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # d(x * mask)/dx = mask
+
+
+def test_dropout_is_seeded_per_element_and_off_in_eval():
+    x = torch.randn(3, 5, 7).bfloat16()
+    dropout = Dropout(0.5).train()
+    torch.manual_seed(1)
+    first = dropout(x)
+    torch.manual_seed(1)
+    assert torch.equal(first, dropout(x)) and first.dtype == torch.bfloat16 and first.shape == x.shape
+    assert (first == 0).any() and (first != 0).any()
+    assert dropout.eval()(x) is x
+
+
+def sdpa_path(backend):
+    def attend(q, k, v, mask):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return attend
+
+
+ATTENTION_PATHS = {
+    "sdpa_default": F.scaled_dot_product_attention,
+    "sdpa_math": sdpa_path(SDPBackend.MATH),
+    "matmul": matmul_attention,
+}
+
+
+@pytest.mark.parametrize("path", ATTENTION_PATHS)
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
+def test_every_attention_path_matches_float64_reference(path, dtype, atol):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 6, 8) for _ in range(3))
+    tgt = torch.randint(3, 20, (3, 6))
+    tgt[1, 4:] = 0
+    tgt[2, :] = 0  # an all-padding sequence: its rows may attend nowhere
+    mask = create_combined_mask(tgt)
+    reference = [t.double().requires_grad_() for t in (q, k, v)]
+    scores = (reference[0] @ reference[1].transpose(-1, -2) / math.sqrt(8)).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(scores, dim=-1).nan_to_num(0.0) @ reference[2]
+    attendable = mask.any(-1, keepdim=True).expand_as(expected)
+    expected[attendable].sum().backward()
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    out = ATTENTION_PATHS[path](*leaves, mask)
+    out.float()[attendable].sum().backward()
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double()[attendable], expected.detach()[attendable], atol=atol)
+    for leaf, ref in zip(leaves, reference):
+        assert torch.isfinite(leaf.grad).all()
+        assert torch.allclose(leaf.grad.double(), ref.grad, atol=5 * atol)
+
+
+def test_matmul_attention_is_chosen_for_cpu_low_precision_training_at_short_lengths():
+    bf16 = torch.zeros(1, dtype=torch.bfloat16)
+    assert use_matmul_attention(bf16, 64)
+    assert not use_matmul_attention(bf16, 1024)
+    assert not use_matmul_attention(torch.zeros(1), 64)
+    with torch.no_grad():
+        assert not use_matmul_attention(bf16, 64)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_transformer import LabelSmoothingLoss, compute_loss
+from lightning_transformer import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
 from lightning_transformer import losses
 
 
@@ -111,3 +111,66 @@ def test_bad_arguments_are_refused_clearly(kwargs, message):
 def test_vocabulary_mismatch_is_refused_clearly():
     with pytest.raises(ValueError, match="vocab_size=12"):
         LabelSmoothingLoss(12)(torch.randn(2, 11), torch.ones(2, dtype=torch.long))
+
+
+def make_states(tokens=(4, 6), width=8, vocab=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(*tokens, width, generator=g)
+    weight = torch.randn(vocab, width, generator=g)
+    return states, weight, make_batch(tokens, vocab, seed)[1]
+
+
+@pytest.mark.parametrize("chunk_rows", [3, 1000])
+def test_projected_loss_equals_projection_then_explicit_distribution(monkeypatch, chunk_rows):
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_rows * 11)
+    states, weight, targets = make_states()
+    leaves = states.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, nll = ProjectedLabelSmoothingLoss(11, 0.1)(*leaves, targets, return_nll=True)
+    loss.backward()
+    ref_states, ref_weight = states.double().requires_grad_(), weight.double().requires_grad_()
+    ref_logits = ref_states @ ref_weight.T
+    reference = explicit_smoothed_loss(ref_logits, targets, 0.1)
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert nll.item() == pytest.approx(compute_loss(ref_logits, targets).item(), rel=1e-6)
+    assert torch.allclose(leaves[0].grad.double(), ref_states.grad, atol=1e-6)
+    assert torch.allclose(leaves[1].grad.double(), ref_weight.grad, atol=1e-6)
+    assert not nll.requires_grad
+
+
+def test_projected_loss_under_bf16_autocast_matches_unfused():
+    states, weight, targets = make_states(tokens=(16, 9), width=32, vocab=50)
+    grads = []
+    for fused in (True, False):
+        leaves = states.clone().requires_grad_(), weight.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = ProjectedLabelSmoothingLoss(50, 0.1)(*leaves, targets)
+            else:
+                loss = LabelSmoothingLoss(50, 0.1)(leaves[0] @ leaves[1].T, targets)
+        loss.backward()
+        grads.append((loss.detach(), *(leaf.grad for leaf in leaves)))
+    (fused_loss, fused_gs, fused_gw), (loss, gs, gw) = grads
+    assert fused_gs.dtype == fused_gw.dtype == torch.float32
+    # bf16 logits carry ~3 significant digits; the two paths round different matmul blocks.
+    assert fused_loss.item() == pytest.approx(loss.item(), rel=5e-3)
+    assert torch.allclose(fused_gs, gs, rtol=0.02, atol=0.02 * gs.abs().max().item())
+    assert torch.allclose(fused_gw, gw, rtol=0.02, atol=0.02 * gw.abs().max().item())
+
+
+def test_projected_loss_ignores_padding_and_all_padding_is_zero():
+    states, weight, targets = make_states()
+    leaf = states.clone().requires_grad_()
+    loss = ProjectedLabelSmoothingLoss(11, 0.1, reduction="sum")
+    loss(leaf, weight, targets).backward()
+    assert (leaf.grad[targets == 0] == 0).all() and (leaf.grad[targets != 0] != 0).any()
+    zero = ProjectedLabelSmoothingLoss(11, 0.1)(leaf, weight, torch.zeros_like(targets))
+    assert zero.item() == 0.0
+
+
+def test_projected_loss_refuses_mismatched_projection_and_per_token_reduction():
+    states, weight, targets = make_states()
+    with pytest.raises(ValueError, match="same tokenizer"):
+        ProjectedLabelSmoothingLoss(12)(states, weight, targets)
+    with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
+        ProjectedLabelSmoothingLoss(11, reduction="none")

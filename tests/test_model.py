@@ -1,10 +1,14 @@
+import copy
+
 import pytest
 import torch
 from copy_task import CopyTaskDataModule
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_transformer import Seq2SeqTransformer, greedy_decode
+from lightning_transformer import (
+    Seq2SeqTransformer, create_combined_mask, create_padding_mask, greedy_decode, noam_schedule,
+)
 from lightning_transformer.losses import compute_loss
 
 TINY = dict(src_vocab_size=20, tgt_vocab_size=20, d_model=32, nhead=4, num_encoder_layers=2,
@@ -175,9 +179,9 @@ def test_validation_logs_token_weighted_loss_and_perplexity(tmp_path):
 
 def test_a_subclass_changes_one_hook(tmp_path):
     class PlainCrossEntropy(Seq2SeqTransformer):
-        def compute_loss(self, logits, tgt_output):
+        def compute_loss(self, states, tgt_output):
             self.calls = getattr(self, "calls", 0) + 1
-            return compute_loss(logits, tgt_output, self.pad_token_id)
+            return compute_loss(self.project(states), tgt_output, self.pad_token_id)
 
     model = PlainCrossEntropy(**TINY)
     trainer(tmp_path, max_steps=2).fit(model, CopyTaskDataModule())
@@ -202,3 +206,45 @@ def test_lightning_ema_weight_averaging_fits_the_module(tmp_path):
     # After fit Lightning swaps the averaged weights into the module itself.
     assert all(torch.equal(averaged[k], v) for k, v in model.state_dict().items())
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    src, tgt = torch.randint(3, 20, (4, 7)), torch.randint(3, 20, (4, 6))
+    src[0, 5:] = 0
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = tiny_model(dropout=0.3, activation_checkpointing=checkpointing).train()
+        torch.manual_seed(1)  # same dropout masks, replayed by checkpointing in backward
+        tgt_input, tgt_output = model.shift_targets(tgt)
+        src_mask, tgt_mask = model.make_masks(src, tgt_input)
+        states = model.decode_states(tgt_input, model.encode(src, src_mask), tgt_mask, src_mask)
+        loss = model.compute_loss(states, tgt_output)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (checkpointed_loss, checkpointed_grads) = results
+    assert torch.equal(loss, checkpointed_loss)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, checkpointed_grads))
+
+
+def test_fused_adam_with_clipping_matches_a_plain_clipped_adam_loop(tmp_path):
+    # eps 1e-4, not 1e-9: Adam turns rounding-noise gradients (the key bias has an exact zero
+    # gradient) into lr-sized updates, and those would differ between any two implementations.
+    torch.manual_seed(0)
+    model = tiny_model(dropout=0.0, warmup_steps=2, eps=1e-4)
+    reference = copy.deepcopy(model)
+    data = CopyTaskDataModule(shuffle=False)
+    trainer(tmp_path, max_steps=3, gradient_clip_val=0.05).fit(model, data)
+    assert model.trainer.optimizers[0].defaults["fused"]
+    optimizer = torch.optim.Adam(reference.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-4, foreach=False)
+    scheduler = noam_schedule(optimizer, 32, 2)
+    for src, tgt in list(data.train_dataloader())[:3]:
+        states = reference.decode_states(tgt[:, :-1], reference.encode(src, create_padding_mask(src)),
+                                         create_combined_mask(tgt[:, :-1]), create_padding_mask(src))
+        reference.compute_loss(states, tgt[:, 1:]).backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    for (name, trained), expected in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(trained, expected, atol=1e-5), name
