@@ -21,29 +21,27 @@ def _row_chunks(rows: int, vocab: int):
     return ((start, min(start + step, rows)) for start in range(0, rows, step))
 
 
-def _smoothed_terms(z: Tensor, targets: Tensor, smoothing: float, pad: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Float32 ``(smoothed loss, nll, log-probabilities)`` for logits ``z`` ``(N, V)``.
+def _smoothed_terms(z: Tensor, targets: Tensor, smoothing: float, pad: int,
+                    with_grad: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Float32 ``(smoothed loss, nll)`` per row of logits ``z`` ``(N, V)``, and with ``with_grad`` the
+    gradient ``softmax(z) - q`` in ``z``'s dtype.
 
     ``-sum_v q_v log p_v`` in closed form: ``q`` puts ``1 - eps`` on the target, ``eps / (V - 2)``
-    on every other non-pad token and 0 on padding, so ``q`` is never built.
+    on every other non-pad token and 0 on padding, so ``q`` is never built. The arithmetic is
+    float32 on one ``(N, V)`` buffer, updated in place (on this CPU bf16 element-wise kernels are
+    slower than float32 ones; ``benchmarks/results/profile_*``).
     """
     off_value = smoothing / (z.size(-1) - 2)
-    log_probs = torch.log_softmax(z, dim=-1, dtype=torch.float32)
+    log_probs = torch.log_softmax(z.float(), dim=-1)
     target = log_probs.gather(1, targets[:, None]).squeeze(1)
     others = log_probs.sum(-1) - target - log_probs[:, pad]
-    return -(1.0 - smoothing) * target - off_value * others, -target, log_probs
-
-
-def _smoothed_grad(log_probs: Tensor, targets: Tensor, smoothing: float, pad: int, dtype: torch.dtype) -> Tensor:
-    """Loss gradient w.r.t. the logits, ``softmax(z) - q``, as a new ``dtype`` tensor."""
-    off_value = smoothing / (log_probs.size(-1) - 2)
-    grad = torch.exp(log_probs, out=torch.empty(log_probs.shape, dtype=dtype, device=log_probs.device))
-    grad.sub_(off_value)
+    loss, nll = -(1.0 - smoothing) * target - off_value * others, -target
+    if not with_grad:
+        return loss, nll, None
+    grad = log_probs.exp_().sub_(off_value)
     grad[:, pad] += off_value
-    rows = torch.arange(grad.size(0), device=grad.device)
-    # Written from float32 log-probabilities: p - (1 - eps) cancels badly in bf16.
-    grad[rows, targets] = (log_probs[rows, targets].exp() - (1.0 - smoothing)).to(dtype)
-    return grad
+    grad[torch.arange(z.size(0), device=z.device), targets] -= 1.0 - smoothing - off_value
+    return loss, nll, grad.to(z.dtype)
 
 
 def compute_loss(logits: Tensor, targets: Tensor, pad_token_id: int = 0) -> Tensor:
@@ -89,8 +87,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
         logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start, end in _row_chunks(*logits.shape):
-            log_probs = torch.log_softmax(logits[start:end], dim=-1, dtype=torch.float32)
-            g = _smoothed_grad(log_probs, targets[start:end], ctx.smoothing, ctx.pad_token_id, torch.float32)
+            g = _smoothed_terms(logits[start:end], targets[start:end], ctx.smoothing, ctx.pad_token_id, True)[2]
             grad[start:end] = g.mul_(grad_loss[start:end, None])
         return grad, None, None, None
 
@@ -117,15 +114,13 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
             # Padded rows are zeroed in the states, so they add nothing to the weight's gradient.
             chunk_states = states[start:end] * chunk_keep
             z = F.linear(chunk_states, weight)  # autocast, if on, picks the matmul dtype
-            loss, nll, log_probs = _smoothed_terms(z, chunk_targets, smoothing, pad_token_id)
-            compute_dtype = z.dtype
+            need_grad = grad_states is not None or grad_weight is not None
+            loss, nll, grad = _smoothed_terms(z, chunk_targets, smoothing, pad_token_id, need_grad)
             del z
             loss_sum += loss @ chunk_keep.squeeze(1).float()
             nll_sum += nll @ chunk_keep.squeeze(1).float()
-            if grad_states is None and grad_weight is None:
+            if not need_grad:
                 continue
-            grad = _smoothed_grad(log_probs, chunk_targets, smoothing, pad_token_id, compute_dtype)
-            del log_probs
             if grad_states is not None:
                 grad_states[start:end] = (grad @ weight) * chunk_keep
             if grad_weight is not None and grad.dtype == grad_weight.dtype == chunk_states.dtype:
