@@ -8,6 +8,7 @@ and values are projected once per sentence.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -45,14 +46,30 @@ def max_output_lengths(src: Tensor, pad_token_id: int, a: float, b: int) -> Tens
     return (a * source_lengths + b).floor().long().clamp(min=1)
 
 
+def _decoding_mode(function):
+    """``no_grad``, also leaving inference mode: under ``inference_mode`` (Lightning's evaluation
+    loops) autocast re-casts every weight at every step instead of caching the casts, which made
+    bf16 decoding slower than float32.
+    """
+
+    @functools.wraps(function)
+    def decode(*args, **kwargs):
+        with torch.inference_mode(False), torch.no_grad():
+            return function(*args, **kwargs)
+
+    return decode
+
+
 def _reorder_cache(cache: list[dict], order: Tensor) -> None:
     for layer in cache:
-        for state in layer.values():
+        for name, state in layer.items():
+            if name == "cross":
+                continue  # beams never leave their sentence, whose memory keys/values they all share
             for key, value in state.items():
                 state[key] = value.index_select(0, order)
 
 
-@torch.no_grad()
+@_decoding_mode
 def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token_id: int,
                   eos_token_id: int) -> list[list[int]]:
     """Pick the most likely next token (never padding or BOS) until every sentence has emitted EOS.
@@ -81,7 +98,7 @@ def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token
     return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in ys[:, 1:].tolist()]
 
 
-@torch.no_grad()
+@_decoding_mode
 def beam_search(
     model,
     src: Tensor,
@@ -125,40 +142,41 @@ def beam_search(
     scores = torch.full((batch, k), -math.inf, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    done = [False] * batch
+    finished_count = torch.zeros(batch, dtype=torch.long, device=device)
+    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    within_beam = torch.arange(2 * k, device=device) < k
     for step in range(int(limits.max())):
         log_probs = model.decode(tokens[:, -1:], memory, None, src_mask, cache)[:, -1].float().log_softmax(-1)
         vocab = log_probs.size(-1)
         log_probs[:, [pad_token_id, bos_token_id]] = -math.inf
-        at_limit = (limits <= step + 1).repeat_interleave(k)
-        not_eos = torch.arange(vocab, device=device) != eos_token_id
-        log_probs.masked_fill_(at_limit[:, None] & not_eos[None, :], -math.inf)
-        candidates = (scores.view(-1, 1) + log_probs).view(batch, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (B, 2K)
-        next_scores = torch.full((batch, k), -math.inf, device=device)
-        next_beams = torch.zeros((batch, k), dtype=torch.long, device=device)
-        next_tokens = torch.full((batch, k), pad_token_id, dtype=torch.long, device=device)
+        at_limit = (limits <= step + 1).repeat_interleave(k).nonzero().squeeze(1)
+        if at_limit.numel():  # only EOS may follow
+            eos_log_probs = log_probs[at_limit, eos_token_id]
+            log_probs[at_limit] = -math.inf
+            log_probs[at_limit, eos_token_id] = eos_log_probs
+        # A sentence's 2K best continuations are among each of its beams' 2K best tokens, so the
+        # (B*K, V) scores are never summed in full.
+        width = min(2 * k, vocab)
+        beam_log_probs, beam_tokens = log_probs.topk(width, dim=1)  # (B*K, 2K)
+        candidates = (scores.view(-1, 1) + beam_log_probs).view(batch, k * width)
+        top_scores, top_index = candidates.topk(min(2 * k, k * width), dim=1)  # (B, 2K), best first
+        top_beams, top_tokens = top_index // width, beam_tokens.view(batch, k * width).gather(1, top_index)
+        is_eos = top_tokens == eos_token_id
+        # An EOS ranked within the top K ends a hypothesis; the K best others continue.
+        ends = is_eos & within_beam[: is_eos.size(1)] & top_scores.isfinite() & ~done[:, None]
         penalty = length_penalty(step + 1, alpha, penalty_style)
-        for b, (row_scores, row_index) in enumerate(zip(top_scores.tolist(), top_index.tolist())):
-            if done[b]:
-                continue
-            kept = 0
-            for rank, (score, index) in enumerate(zip(row_scores, row_index)):
-                if score == -math.inf or kept == k:
-                    break
-                beam, token = divmod(index, vocab)
-                if token == eos_token_id:
-                    if rank < k:
-                        prefix = tokens[b * k + beam, 1:].tolist()
-                        finished[b].append(Hypothesis(prefix, score / penalty, score))
-                    continue
-                next_scores[b, kept], next_beams[b, kept], next_tokens[b, kept] = score, beam, token
-                kept += 1
-            done[b] = len(finished[b]) >= k or kept == 0
-        if all(done):
+        for b, rank in ends.nonzero().tolist():
+            score, beam = top_scores[b, rank].item(), int(top_beams[b, rank])
+            finished[b].append(Hypothesis(tokens[b * k + beam, 1:].tolist(), score / penalty, score))
+        next_scores, pick = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=1)
+        next_beams, next_tokens = top_beams.gather(1, pick), top_tokens.gather(1, pick)
+        finished_count += ends.sum(1)
+        done |= (finished_count >= k) | next_scores[:, 0].isinf()
+        if bool(done.all()):
             break
+        scores = next_scores.masked_fill(done[:, None], -math.inf)
         order = (torch.arange(batch, device=device)[:, None] * k + next_beams).view(-1)
+        next_tokens = next_tokens.masked_fill(done[:, None], pad_token_id)
         tokens = torch.cat([tokens.index_select(0, order), next_tokens.view(-1, 1)], dim=1)
-        scores = next_scores
         _reorder_cache(cache, order)
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
