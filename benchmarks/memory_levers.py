@@ -5,6 +5,8 @@ paper's base size in its own process, on the same synthetic batches shaped like 
 and Adam state are allocated by a first step and kept (``zero_grad(set_to_none=False)``), so the
 peak above the resident size after that step (``VmHWM`` after ``clear_refs``) is what a step needs
 on top of the model: activations and temporaries. Step time is the median of the timed steps.
+Precisions: float32, bf16 and fp16 autocast (float32 weights, Lightning's ``bf16-mixed``/``16-mixed``)
+and ``bf16-true`` (the whole model in bf16, Lightning's ``bf16-true``).
 
     python benchmarks/memory_levers.py [--batch-size 128] [--steps 4] [--repeats 2]
 """
@@ -26,12 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from profile_step import PRESETS, synthetic_batch  # noqa: E402
+from profile_step import PRESETS, synthetic_batch, train_step  # noqa: E402
 
 from lightning_transformer import Seq2SeqTransformer, tune_malloc  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-CONFIGS = [(precision, checkpointing) for precision in ("fp32", "bf16", "fp16") for checkpointing in (False, True)]
+PRECISIONS = ("fp32", "bf16", "fp16", "bf16-true")
+CONFIGS = [(precision, checkpointing) for precision in PRECISIONS for checkpointing in (False, True)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -44,6 +47,8 @@ def child(precision: str, checkpointing: bool, batch_size: int, steps: int) -> d
     torch.manual_seed(0)
     model = Seq2SeqTransformer(src_vocab_size=8000, tgt_vocab_size=8000, share_embeddings=True,
                                activation_checkpointing=checkpointing, **PRESETS["base"]).train()
+    if precision == "bf16-true":  # Lightning's precision="bf16-true": bf16 weights, no float32 copy
+        model = model.bfloat16()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.9, 0.98), eps=1e-9, fused=True)
     generator = torch.Generator().manual_seed(0)
     batches = [synthetic_batch(batch_size, 8000, generator) for _ in range(steps + 1)]
@@ -54,14 +59,7 @@ def child(precision: str, checkpointing: bool, batch_size: int, steps: int) -> d
             baseline = _kib("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")
         start = time.perf_counter()
-        with autocast:
-            tgt_input, tgt_output = model.shift_targets(tgt)
-            src_mask, tgt_mask = model.make_masks(src, tgt_input)
-            states = model.decode_states(tgt_input, model.encode(src, src_mask), tgt_mask, src_mask)
-            loss = model.compute_loss(states, tgt_output)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=False)
+        train_step(model, optimizer, (src, tgt), autocast, set_to_none=False)
         seconds.append(time.perf_counter() - start)
     tokens = statistics.mean(int((tgt[:, 1:] != 0).sum()) for _, tgt in batches[1:])
     return {"peak_mib": (_kib("VmHWM") - baseline) / 1024, "step_s": statistics.median(seconds[1:]),
@@ -106,7 +104,7 @@ def main() -> None:
                      f"{row['peak_mib'] / fp32['peak_mib']:.2f}x | {row['step_s']:.2f} | "
                      f"{row['step_s'] / fp32['step_s']:.2f}x |")
     lines.append("")
-    for precision in ("fp32", "bf16", "fp16"):
+    for precision in PRECISIONS:
         off, on = med[precision, False], med[precision, True]
         lines.append(f"- {precision}: checkpointing saves {1 - on['peak_mib'] / off['peak_mib']:.0%} of the step's "
                      f"memory for {on['step_s'] / off['step_s'] - 1:+.0%} step time.")

@@ -41,7 +41,9 @@ def synthetic_batch(batch_size: int, vocab: int, generator: torch.Generator) -> 
     return rows[0], rows[1]
 
 
-def train_step(model: Seq2SeqTransformer, optimizer: torch.optim.Optimizer, batch, autocast) -> None:
+def train_step(model: Seq2SeqTransformer, optimizer: torch.optim.Optimizer, batch, autocast,
+               set_to_none: bool = True) -> None:
+    """The project's training step without a Trainer: shift, masks, forward, loss, backward, Adam."""
     src, tgt = batch
     with autocast:
         tgt_input, tgt_output = model.shift_targets(tgt)
@@ -50,7 +52,7 @@ def train_step(model: Seq2SeqTransformer, optimizer: torch.optim.Optimizer, batc
         loss = model.compute_loss(states, tgt_output)
     loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=set_to_none)
 
 
 def main() -> None:
@@ -65,7 +67,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Seq2SeqTransformer(src_vocab_size=args.vocab, tgt_vocab_size=args.vocab, share_embeddings=True,
                                **PRESETS[args.preset]).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
     generator = torch.Generator().manual_seed(0)
     batches = [synthetic_batch(64, args.vocab, generator) for _ in range(args.steps + 3)]
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()

@@ -1,0 +1,117 @@
+"""What each speed change buys: the project's bf16 training step with one change undone at a time.
+
+Every variant runs in its own process (the allocator setting is process-wide), interleaved over
+``--repeats`` rounds, on the synthetic Multi30k-shaped batches of ``profile_step.py``; it reports
+the median step time and its ratio to the project as shipped.
+
+    python benchmarks/ablation.py [--preset small] [--steps 20] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_step import PRESETS, synthetic_batch, train_step  # noqa: E402
+
+from lightning_transformer import LabelSmoothingLoss, Seq2SeqTransformer, layers, tune_malloc  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+VARIANTS = {
+    "as shipped": "",
+    "glibc malloc defaults (no `tune_malloc`)": "malloc",
+    "`F.dropout` instead of 16-bit-mask `Dropout`": "dropout",
+    "SDPA's math kernel (the earlier choice) instead of `matmul_attention`": "attention",
+    "logits + `LabelSmoothingLoss` instead of the fused projection loss": "loss",
+    "for-loop Adam instead of fused Adam": "adam",
+    "all five undone": "malloc,dropout,attention,loss,adam",
+}
+
+
+def sdpa_math(q, k, v, mask, dropout_p=0.0):
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+class UnfusedLoss(Seq2SeqTransformer):
+    def compute_loss(self, states, tgt_output):
+        return LabelSmoothingLoss(self.tgt_vocab_size, self.hparams.label_smoothing)(self.project(states), tgt_output)
+
+
+def child(undo: set[str], preset: str, steps: int, precision: str) -> dict:
+    if "malloc" not in undo:
+        tune_malloc()
+    if "dropout" in undo:
+        layers.Dropout.forward = lambda self, x: F.dropout(x, self.p, self.training)
+    if "attention" in undo:
+        layers.matmul_attention = sdpa_math
+    torch.manual_seed(0)
+    model = (UnfusedLoss if "loss" in undo else Seq2SeqTransformer)(
+        src_vocab_size=8000, tgt_vocab_size=8000, share_embeddings=True, **PRESETS[preset]).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused="adam" not in undo)
+    generator = torch.Generator().manual_seed(0)
+    batches = [synthetic_batch(64, 8000, generator) for _ in range(steps + 3)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    seconds = []
+    for batch in batches:
+        start = time.perf_counter()
+        train_step(model, optimizer, batch, autocast)
+        seconds.append(time.perf_counter() - start)
+    tokens = sum(int((tgt[:, 1:] != 0).sum()) for _, tgt in batches[3:])
+    return {"step_ms": statistics.median(seconds[3:]) * 1e3, "tok_s": tokens / sum(seconds[3:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child")
+    args = parser.parse_args()
+    flags = ["--preset", args.preset, "--precision", args.precision, "--steps", str(args.steps)]
+    if args.child is not None:
+        print(json.dumps(child(set(filter(None, args.child.split(","))), args.preset, args.steps, args.precision)))
+        return
+    runs = {name: [] for name in VARIANTS}
+    for _ in range(args.repeats):
+        for name, undo in VARIANTS.items():
+            out = subprocess.run([sys.executable, __file__, f"--child={undo}", *flags],
+                                 capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("step_ms", "tok_s")} for name, rs in runs.items()}
+    shipped = med["as shipped"]
+    lines = [
+        f"# Ablation: {args.preset} preset, {args.precision}, one change undone at a time",
+        "",
+        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
+        f"{torch.get_num_threads()} threads · synthetic batches of 64 pairs (10-30 subwords) · median of "
+        f"{args.steps} steps, median of {args.repeats} interleaved processes · "
+        f"`python benchmarks/ablation.py {' '.join(flags)} --repeats {args.repeats}`",
+        "",
+        "| variant | step (ms) | tokens/s | slowdown vs shipped |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in med.items():
+        lines.append(f"| {name} | {row['step_ms']:.0f} | {row['tok_s']:,.0f} | {row['step_ms'] / shipped['step_ms']:.2f}x |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"ablation_{args.preset}_{args.precision}.md").write_text(report)
+
+
+if __name__ == "__main__":
+    main()
