@@ -3,7 +3,8 @@
 The model is anything with ``encode(src, src_mask) -> memory``, ``init_cache()`` and
 ``decode(tgt, memory, tgt_mask, src_mask, cache) -> logits`` (e.g. ``Seq2SeqTransformer``). Both
 decoders feed one new token a step through the incremental key/value cache; cross-attention keys
-and values are projected once per sentence.
+and values are projected once per sentence, and beam search hands ``decode`` one memory row per
+sentence for its ``beam_size`` consecutive hypotheses.
 """
 
 from __future__ import annotations
@@ -135,8 +136,7 @@ def beam_search(
     batch, k, device = src.size(0), beam_size, src.device
     limits = max_output_lengths(src, pad_token_id, max_len_a, max_len_b)
     src_mask = create_padding_mask(src, pad_token_id)
-    memory = model.encode(src, src_mask).repeat_interleave(k, dim=0)  # (B*K, S, D)
-    src_mask = src_mask.repeat_interleave(k, dim=0)
+    memory = model.encode(src, src_mask)  # (B, S, D): the K beams of a sentence share its row
     cache = model.init_cache()
     tokens = torch.full((batch * k, 1), bos_token_id, dtype=torch.long, device=device)
     scores = torch.full((batch, k), -math.inf, device=device)

@@ -98,7 +98,8 @@ class MultiHeadAttention(nn.Module):
         """Args:
             x: queries (and, for self-attention, keys/values) ``(B, T, D)``.
             mask: bool, broadcastable to ``(B, H, T, S)``.
-            memory: encoder output ``(B, S, D)``; required iff ``cross``.
+            memory: encoder output ``(B', S, D)``; required iff ``cross``. ``B'`` may divide ``B``:
+                then ``B / B'`` consecutive query rows share each memory row (beam search).
             cache: incremental decoding state, updated in place: self-attention appends this
                 step's keys/values to ``cache["k"]``/``cache["v"]``; cross-attention projects
                 ``memory`` once and reuses it.
@@ -118,11 +119,17 @@ class MultiHeadAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
         if cache is not None:
             cache["k"], cache["v"] = k, v
+        batch, _, length, _ = q.shape
+        group = batch // k.size(0)
+        if group > 1:  # consecutive query rows share one memory row: fold them into query positions
+            q = q.unflatten(0, (k.size(0), group)).transpose(1, 2).flatten(2, 3)
         dropout_p = self.dropout if self.training else 0.0
         if use_matmul_attention(q, k.size(2)):
             out = matmul_attention(q, k, v, mask, dropout_p)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)  # (B, H, T, D/H)
+        if group > 1:
+            out = out.unflatten(2, (group, length)).transpose(1, 2).flatten(0, 1)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
 

@@ -127,7 +127,9 @@ class Seq2SeqTransformer(LightningModule):
 
     def decode_states(self, tgt_input: Tensor, memory: Tensor, tgt_mask: Tensor | None, src_mask: Tensor | None,
                       cache: list[dict] | None = None) -> Tensor:
-        """Target prefix ``(B, T)`` over memory ``(B, S, D)`` -> decoder output ``(B, T, D)``.
+        """Target prefix ``(B, T)`` over memory ``(B', S, D)`` -> decoder output ``(B, T, D)``.
+
+        ``B'`` divides ``B``: each memory row serves ``B / B'`` consecutive target rows (beam search).
 
         ``cache`` (from :meth:`init_cache`) makes ``tgt_input`` only the new positions.
         """

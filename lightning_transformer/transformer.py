@@ -108,7 +108,10 @@ class Transformer(nn.Module):
 
     def decode_states(self, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None, memory_mask: Tensor | None,
                       cache: list[dict] | None = None) -> Tensor:
-        """Target prefix ids ``(B, T)`` over ``memory`` ``(B, S, D)`` -> decoder output ``(B, T, D)``.
+        """Target prefix ids ``(B, T)`` over ``memory`` ``(B', S, D)`` -> decoder output ``(B, T, D)``.
+
+        ``B'`` is ``B`` or divides it: then each memory row (and ``memory_mask`` row) serves ``B / B'``
+        consecutive target rows, as the beams of one sentence in beam search.
 
         With ``cache`` (from :meth:`init_cache`, updated in place) ``tgt`` holds only the positions
         after those already cached, so each step of autoregressive decoding costs one position.

@@ -109,6 +109,19 @@ def test_beam_size_one_equals_greedy():
     assert [h[0].tokens for h in beam] == greedy
 
 
+def test_a_batched_beam_search_equals_searching_each_sentence_alone():
+    model = tiny_model()
+    src = torch.randint(3, 30, (3, 7))
+    src[0, 4:] = PAD
+    src[2, 2:] = PAD
+    batched = beam_search(model, src, beam_size=3, nbest=2, max_len_a=1.0, max_len_b=3)
+    for row, hyps in zip(src, batched):
+        alone = beam_search(model, row[: int((row != PAD).sum())][None], beam_size=3, nbest=2, max_len_a=1.0,
+                            max_len_b=3)[0]
+        assert [h.tokens for h in hyps] == [h.tokens for h in alone]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
+
+
 def test_outputs_respect_the_per_sentence_limit():
     model = tiny_model()
     src = torch.randint(3, 30, (4, 8))

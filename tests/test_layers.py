@@ -151,3 +151,13 @@ def test_matmul_attention_is_chosen_for_cpu_low_precision_training_at_short_leng
     assert not use_matmul_attention(torch.zeros(1), 64)
     with torch.no_grad():
         assert not use_matmul_attention(bf16, 64)
+
+
+def test_cross_attention_with_grouped_memory_equals_repeated_memory():
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4, cross=True).eval()
+    memory, x = torch.randn(2, 5, 16), torch.randn(6, 1, 16)  # 3 beams for each of 2 sentences
+    src = torch.tensor([[4, 5, 6, 0, 0], [4, 5, 6, 7, 8]])
+    grouped = attn(x, create_padding_mask(src), memory=memory)
+    repeated = attn(x, create_padding_mask(src).repeat_interleave(3, 0), memory=memory.repeat_interleave(3, 0))
+    assert torch.allclose(grouped, repeated, atol=1e-6)
