@@ -55,7 +55,8 @@ class Dropout(nn.Dropout):
         dropped = round(self.p * 65536)
         words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
         keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
-        return x * keep.to(x.dtype).mul_(65536 / (65536 - dropped))
+        # torch.where keeps the boolean mask for backward: a byte an element, not a float scale tensor.
+        return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
 
 
 class MultiHeadAttention(nn.Module):
