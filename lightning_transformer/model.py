@@ -110,7 +110,7 @@ class Seq2SeqTransformer(LightningModule):
         )
         self.criterion = ProjectedLabelSmoothingLoss(tgt_vocab_size, label_smoothing, pad_token_id)
         self.eval_loss, self.eval_nll = MeanMetric(), MeanMetric()
-        self._batch_tokens, self._batch_start = 0, 0.0
+        self._batch_tokens, self._batch_start, self._step_tokens = 0, 0.0, 0
 
     # ----- research hooks ---------------------------------------------------------------------
     def make_masks(self, src: Tensor, tgt_input: Tensor) -> tuple[Tensor, Tensor]:
@@ -180,7 +180,28 @@ class Seq2SeqTransformer(LightningModule):
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/loss", loss, prog_bar=True, batch_size=src.size(0))
         self.log("train/lr", lr, batch_size=src.size(0))
-        return loss
+        return self.token_sum_objective(loss, self._batch_tokens)
+
+    # ----- loss normalisation over the optimizer step -----------------------------------------
+    def token_sum_objective(self, mean_loss: Tensor, tokens: Tensor) -> Tensor:
+        """What ``training_step`` hands to backward: this micro-batch's loss *summed* over its tokens.
+
+        Lightning divides the objective by ``accumulate_grad_batches`` and DDP averages gradients
+        over ranks; both are undone here, and :meth:`on_before_optimizer_step` divides the gradients
+        by the non-pad target tokens of the whole optimizer step (all micro-batches, all ranks). So
+        every token weighs the same, not every micro-batch (fairseq's normalisation).
+        """
+        self._step_tokens = self._step_tokens + tokens
+        return mean_loss * tokens * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        step_tokens = self.trainer.strategy.reduce(torch.as_tensor(self._step_tokens, device=self.device),
+                                                   reduce_op="sum")
+        self._step_tokens = 0
+        scale = 1.0 / step_tokens.clamp(min=1)
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                parameter.grad.mul_(scale.to(parameter.grad.dtype))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(batch)

@@ -5,6 +5,7 @@ import torch
 from copy_task import CopyTaskDataModule
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from lightning_transformer import (
     Seq2SeqTransformer, create_combined_mask, create_padding_mask, greedy_decode, noam_schedule,
@@ -248,3 +249,21 @@ def test_fused_adam_with_clipping_matches_a_plain_clipped_adam_loop(tmp_path):
         scheduler.step()
     for (name, trained), expected in zip(model.named_parameters(), reference.parameters()):
         assert torch.allclose(trained, expected, atol=1e-5), name
+
+
+def test_accumulating_two_uneven_batches_equals_one_batch_of_both(tmp_path):
+    # The loss is normalised by the tokens of the whole optimizer step, not averaged per micro-batch:
+    # a 2-token and a 12-token batch accumulated must equal one batch holding all 14 tokens.
+    torch.manual_seed(0)
+    short = torch.tensor([[1, 5, 2, 0, 0, 0, 0], [1, 6, 2, 0, 0, 0, 0]])
+    long = torch.tensor([[1, 7, 8, 9, 10, 11, 2], [1, 12, 13, 14, 15, 16, 2]])
+    src = torch.tensor([[5, 6, 7, 2], [8, 9, 2, 0]])
+    both = [(torch.cat([src, src]), torch.cat([short, long]))]
+    models = []
+    for batches, accumulate in (([(src, short), (src, long)], 2), (both, 1)):
+        torch.manual_seed(0)
+        model = tiny_model(dropout=0.0, warmup_steps=1, eps=1e-4)
+        trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(model, DataLoader(batches, batch_size=None))
+        models.append(model)
+    for accumulated, single in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(accumulated, single, atol=1e-5), (accumulated - single).abs().max()
