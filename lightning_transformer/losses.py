@@ -109,12 +109,12 @@ class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
         grad_states = torch.zeros_like(states) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         keep = (targets != pad_token_id)[:, None]
+        need_grad = grad_states is not None or grad_weight is not None
         for start, end in _row_chunks(states.size(0), weight.size(0)):
             chunk_targets, chunk_keep = targets[start:end], keep[start:end]
             # Padded rows are zeroed in the states, so they add nothing to the weight's gradient.
             chunk_states = states[start:end] * chunk_keep
             z = F.linear(chunk_states, weight)  # autocast, if on, picks the matmul dtype
-            need_grad = grad_states is not None or grad_weight is not None
             loss, nll, grad = _smoothed_terms(z, chunk_targets, smoothing, pad_token_id, need_grad)
             del z
             loss_sum += loss @ chunk_keep.squeeze(1).float()
