@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .translate import load_checkpoint
+from .checkpoint import load_checkpoint
 
 
 def average_checkpoints(paths: Sequence[str | Path]) -> dict:

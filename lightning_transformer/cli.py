@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from . import averaging, translate
 from .allocator import tune_malloc
+from .checkpoint import check_checkpoint_path
 from .model import Seq2SeqTransformer
 
 TOOLS = {"translate": translate.main, "average": averaging.main}
@@ -20,6 +21,16 @@ class TransformerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for target in ("model.init_args.src_vocab_size", "model.init_args.tgt_vocab_size"):
             parser.link_arguments("data.vocab_size", target, apply_on="instantiate")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads --ckpt_path right after parsing; a bad file fails here with a clear message.
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("weights_only") is not False:
+            try:
+                check_checkpoint_path(self.config[subcommand].get("ckpt_path"))
+            except (FileNotFoundError, ValueError) as error:
+                parser.error(str(error))
 
 
 def main(args: list[str] | None = None) -> None:

@@ -29,13 +29,14 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropo
 
     Shapes ``(B, H, T, d)``, ``(B, H, S, d)``, ``(B, H, S, d)``; ``mask`` bool, True = may attend,
     broadcastable to ``(B, H, T, S)``. Masked scores are filled in float32 with its most negative
-    finite value, so no dtype overflows; a row with no key to attend gives finite, meaningless output.
+    finite value, so no dtype overflows; a query with no key to attend gets zeros, as from SDPA.
     """
     scores = (q @ k.transpose(-2, -1)).float().mul_(q.size(-1) ** -0.5)
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
     weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=dropout_p > 0)
-    return weights.to(v.dtype) @ v
+    out = weights.to(v.dtype) @ v
+    return out if mask is None else out.masked_fill_(~mask.any(-1, keepdim=True), 0.0)
 
 
 class Dropout(nn.Dropout):

@@ -12,15 +12,16 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from .checkpoint import ResumeRandomState
 from .decoding import beam_search
 from .losses import ProjectedLabelSmoothingLoss
 from .masks import create_combined_mask, create_padding_mask
-from .schedules import cosine_schedule, noam_schedule
+from .schedules import cosine_schedule, noam_schedule, paper_adam
 from .transformer import Transformer
 
 
@@ -186,10 +187,9 @@ class Seq2SeqTransformer(LightningModule):
     def token_sum_objective(self, mean_loss: Tensor, tokens: Tensor) -> Tensor:
         """What ``training_step`` hands to backward: this micro-batch's loss *summed* over its tokens.
 
-        Lightning divides the objective by ``accumulate_grad_batches`` and DDP averages gradients
-        over ranks; both are undone here, and :meth:`on_before_optimizer_step` divides the gradients
-        by the non-pad target tokens of the whole optimizer step (all micro-batches, all ranks). So
-        every token weighs the same, not every micro-batch (fairseq's normalisation).
+        The factors undo Lightning's division by ``accumulate_grad_batches`` and DDP's average over
+        ranks; :meth:`on_before_optimizer_step` then divides the gradients by the non-pad target tokens
+        of the whole optimizer step, so every token weighs the same (fairseq's normalisation).
         """
         self._step_tokens = self._step_tokens + tokens
         return mean_loss * tokens * self.trainer.accumulate_grad_batches * self.trainer.world_size
@@ -216,10 +216,7 @@ class Seq2SeqTransformer(LightningModule):
         self._log_evaluation("test")
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, list]:
-        """Beam-search translations of the batch's sources: ``{"tokens": ids per sentence, "index": ...}``.
-
-        Token ids exclude BOS, EOS and padding; ``index`` is the batch's ``index`` entry when it has one.
-        """
+        """Beam search: ``{"tokens": ids without BOS/EOS/padding per sentence, "index": the batch's, if any}``."""
         src = batch if isinstance(batch, Tensor) else self.unpack_batch(batch, need_target=False)[0]
         index = batch["index"].tolist() if isinstance(batch, Mapping) and "index" in batch else None
         return {"tokens": [hyps[0].tokens for hyps in self.translate_ids(src)], "index": index}
@@ -231,50 +228,49 @@ class Seq2SeqTransformer(LightningModule):
         return beam_search(self, src, beam_size or hp.beam_size, hp.max_decode_len_a, hp.max_decode_len_b,
                            self.pad_token_id, hp.bos_token_id, hp.eos_token_id, alpha)
 
-    # ----- throughput -------------------------------------------------------------------------
+    # ----- throughput and resuming ------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        tokens = int(self._batch_tokens)  # the step has run: this sync stalls nothing
+        if tokens == 0:
+            raise ValueError(
+                "every target token of this training batch is padding, so there is nothing to learn from; check "
+                f"that the data's padding id equals model.pad_token_id={self.pad_token_id} and that targets are not empty."
+            )
         # Forward, backward and the optimizer step; data loading is not counted.
         elapsed = time.perf_counter() - self._batch_start
-        self.log("train/tokens_per_sec", int(self._batch_tokens) / max(elapsed, 1e-9), batch_size=1)
+        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), batch_size=1)
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [ResumeRandomState()]
 
     # ----- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        # The fused Adam kernel updates every tensor in one pass: 3x faster steps than the loop on CPU.
-        fused = all(p.device.type in ("cpu", "cuda") for p in self.parameters())
-        adam = dict(betas=tuple(hp.betas), eps=hp.eps, weight_decay=hp.weight_decay, fused=fused)
+        adam = paper_adam(self.parameters(), hp.lr_factor if hp.scheduler == "noam" else hp.lr, hp.betas, hp.eps,
+                          hp.weight_decay)
         if hp.scheduler == "noam":
             # LambdaLR multiplies the base lr by noam_lambda, so the base lr *is* the factor.
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr_factor, **adam)
-            scheduler = noam_schedule(optimizer, hp.d_model, hp.warmup_steps)
+            scheduler = noam_schedule(adam, hp.d_model, hp.warmup_steps)
         elif hp.scheduler == "cosine":
-            optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, **adam)
-            total = self._total_steps()
-            if total <= hp.warmup_steps:
-                rank_zero_warn(f"the run ends after {total} optimizer steps, inside the {hp.warmup_steps}-step "
-                               "warm-up, so the cosine decay never starts; shorten model.warmup_steps if unintended.")
-                total = hp.warmup_steps + 1
-            scheduler = cosine_schedule(optimizer, hp.warmup_steps, total, hp.min_lr_ratio)
+            scheduler = cosine_schedule(adam, hp.warmup_steps, self._cosine_length(), hp.min_lr_ratio)
         else:
             raise ValueError(f"scheduler must be 'noam' or 'cosine', got {hp.scheduler!r}.")
-        # A fused optimizer announces that it unscales fp16 gradients itself, and Lightning then refuses
-        # gradient clipping. Leaving unscaling to the GradScaler, before clipping, is equally correct.
-        optimizer._step_supports_amp_scaling = False
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": adam, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def _total_steps(self) -> int:
-        if self.hparams.total_steps is not None:
-            return self.hparams.total_steps
-        estimated = self.trainer.estimated_stepping_batches
-        if estimated == float("inf"):
-            raise ValueError(
-                "the cosine schedule needs a finite run length; set trainer.max_steps, "
-                "trainer.max_epochs or model.total_steps."
-            )
-        return int(estimated)
+    def _cosine_length(self) -> int:
+        hp = self.hparams
+        total = hp.total_steps if hp.total_steps is not None else self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError("the cosine schedule needs a finite run length; set trainer.max_steps, "
+                             "trainer.max_epochs or model.total_steps.")
+        if total <= hp.warmup_steps:
+            rank_zero_warn(f"the run ends after {total} optimizer steps, inside the {hp.warmup_steps}-step "
+                           "warm-up, so the cosine decay never starts; shorten model.warmup_steps if unintended.")
+            return hp.warmup_steps + 1
+        return int(total)
 
     # ----- helpers ----------------------------------------------------------------------------
     @staticmethod

@@ -61,9 +61,20 @@ def load_pairs(dataset: str, format: str, src_lang: str, tgt_lang: str, config: 
             f"(split names: {', '.join(SPLIT_NAMES)}) or point `dataset` at another folder."
         )
     for split, pairs in splits.items():
-        if not pairs:
-            raise ValueError(f"The {split} split in {folder} has no examples. Add some or remove its file.")
+        _check_pairs(split, pairs, str(folder))
     return splits
+
+
+def _check_pairs(split: str, pairs: Pairs, where: str) -> None:
+    if not pairs:
+        raise ValueError(f"The {split} split in {where} has no examples. Add some or remove its file.")
+    empty = [number for number, (src, tgt) in enumerate(pairs, start=1) if not src or not tgt]
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        raise ValueError(
+            f"{len(empty)} pair(s) of the {split} split in {where} have an empty side (pair number {shown}, counting "
+            "from 1 in file order). Every pair needs text in both languages; delete those lines on both sides."
+        )
 
 
 def detect_format(dataset: str) -> str:
@@ -206,7 +217,10 @@ def _read_hub(name: str, config: str | None, src_lang: str, tgt_lang: str) -> di
             "Check the name and your connection (HF_DATASETS_OFFLINE=1 forbids downloads); "
             "for a local folder, pass a path starting with './' or '/'."
         ) from None
-    return _from_dataset_dict(loaded, src_lang, tgt_lang, name)
+    splits = _from_dataset_dict(loaded, src_lang, tgt_lang, name)
+    for split, pairs in splits.items():
+        _check_pairs(split, pairs, name)
+    return splits
 
 
 def _from_dataset_dict(loaded, src_lang: str, tgt_lang: str, where: str) -> dict[str, Pairs]:

@@ -193,6 +193,9 @@ class ResumableDataLoader(DataLoader):
     def __init__(self, dataset: Any, sampler: TokenBudgetBatchSampler, **kwargs: Any) -> None:
         # batch_size=None hands each index list to the dataset in one call, which
         # datasets answers with one Arrow read instead of one read per sentence.
+        # A generator of its own: starting an epoch then draws nothing from the global one that
+        # dropout uses, so a resumed run replays the same masks (see ResumeRandomState).
+        kwargs.setdefault("generator", torch.Generator().manual_seed(sampler.seed))
         super().__init__(dataset, sampler=sampler, batch_size=None, **kwargs)
         self._consumed = 0
         self._epoch = sampler.epoch

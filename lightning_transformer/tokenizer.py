@@ -147,7 +147,14 @@ class Tokenizer:
                 f"No tokenizer file at {path}. Pass the path of a tokenizer.json written by Tokenizer.save, "
                 "or leave tokenizer_path unset to train one."
             )
-        return cls.from_str(path.read_text(encoding="utf-8"))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(
+                f"Could not parse the tokenizer JSON in {path}: it is binary, not UTF-8 text. Pass a tokenizer.json "
+                "saved by Tokenizer.save (tokenizers are only read from JSON, never unpickled)."
+            ) from None
+        return cls.from_str(text)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and self.to_str() == other.to_str()

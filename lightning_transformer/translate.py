@@ -13,24 +13,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+from .checkpoint import load_checkpoint
 from .metrics import gather_unique
 from .model import Seq2SeqTransformer
 from .tokenizer import Tokenizer
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """Read a Lightning checkpoint without unpickling code, with a clear error for a missing or unreadable file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file written by fit.")
-    try:
-        # Tensors and plain types only: no code runs. mmap reads tensors lazily, for metadata-only uses.
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as error:
-        raise ValueError(
-            f"checkpoint {path} could not be read ({type(error).__name__}: {error}); it may be truncated or "
-            "not a Lightning checkpoint. Use another checkpoint, e.g. last.ckpt."
-        ) from error
 
 
 def tokenizer_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> Tokenizer:

@@ -138,7 +138,7 @@ def test_every_attention_path_matches_float64_reference(path, dtype, atol):
     out = ATTENTION_PATHS[path](*leaves, mask)
     out.float()[attendable].sum().backward()
     assert torch.isfinite(out).all()
-    assert torch.allclose(out.double()[attendable], expected.detach()[attendable], atol=atol)
+    assert torch.allclose(out.double(), expected.detach(), atol=atol)  # rows with no key give zeros on every path
     for leaf, ref in zip(leaves, reference):
         assert torch.isfinite(leaf.grad).all()
         assert torch.allclose(leaf.grad.double(), ref.grad, atol=5 * atol)

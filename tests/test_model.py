@@ -267,3 +267,40 @@ def test_accumulating_two_uneven_batches_equals_one_batch_of_both(tmp_path):
         models.append(model)
     for accumulated, single in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(accumulated, single, atol=1e-5), (accumulated - single).abs().max()
+
+
+def _numerics_batch(shape: str) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    if shape == "length_one":  # one source token; the target input is BOS alone
+        return torch.tensor([[2], [2]]), torch.tensor([[1, 2], [1, 2]])
+    length = 1000 if shape == "very_long" else 12
+    src = torch.randint(3, 20, (3, length), generator=generator)
+    tgt = torch.cat([torch.ones(3, 1, dtype=torch.long), torch.randint(3, 20, (3, length), generator=generator)], 1)
+    if shape == "all_padding_rows":  # a source row and a target row that are padding only
+        src[1], tgt[2] = 0, 0
+        src[0, 5:], tgt[0, 7:] = 0, 0
+    return src, tgt
+
+
+@pytest.mark.parametrize("shape", ["all_padding_rows", "length_one", "very_long"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_loss_and_gradients_stay_finite_under_every_precision(dtype, shape):
+    # Masked scores must be filled with a value the dtype can hold: -1e9 or finfo(fp32).min would
+    # overflow to -inf in fp16 and turn a fully masked row into NaN.
+    torch.manual_seed(0)
+    model = tiny_model(dropout=0.0)
+    src, tgt = _numerics_batch(shape)
+    tgt_input, tgt_output = model.shift_targets(tgt)
+    losses = []
+    for precision in (torch.float32, dtype):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=precision, enabled=precision != torch.float32):
+            src_mask, tgt_mask = model.make_masks(src, tgt_input)
+            states = model.decode_states(tgt_input, model.encode(src, src_mask), tgt_mask, src_mask)
+            loss = model.compute_loss(states, tgt_output)
+        loss.backward()
+        losses.append(loss.item())
+        assert torch.isfinite(loss) and torch.isfinite(states).all()
+        for name, parameter in model.named_parameters():
+            assert torch.isfinite(parameter.grad).all(), name
+    assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # the 16-bit loss is the fp32 loss, not just finite
