@@ -109,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="sentences decoded together")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
+    if args.input != "-" and not Path(args.input).is_file():
+        raise SystemExit(f"error: input file {args.input} does not exist; pass a text file, one sentence a line, or '-'.")
     model, tokenizer = load_translator(args.checkpoint, args.device)
     if args.input == "-":
         sentences = _read_lines(sys.stdin)

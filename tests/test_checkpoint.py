@@ -165,6 +165,19 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_file_whole(small_ru
     assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["last.ckpt"]
 
 
+def test_a_second_run_in_the_same_folder_overwrites_no_checkpoint(tmp_path):
+    def fit():
+        model = Seq2SeqTransformer(**{**TINY_MODEL, "src_vocab_size": 20, "tgt_vocab_size": 20, "warmup_steps": 1})
+        Trainer(default_root_dir=tmp_path, max_steps=2, enable_progress_bar=False, enable_model_summary=False,
+                limit_val_batches=0).fit(model, CopyTaskDataModule())
+
+    fit()
+    first = {path: path.read_bytes() for path in tmp_path.rglob("*.ckpt")}
+    fit()
+    assert first and all(path.read_bytes() == content for path, content in first.items())
+    assert len(list(tmp_path.rglob("*.ckpt"))) == 2 * len(first)  # the second run wrote beside, in a new version
+
+
 # ----- SIGKILL ------------------------------------------------------------------------------------
 INTERVAL, MAX_STEPS = 10, 90
 

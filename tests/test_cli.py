@@ -68,3 +68,12 @@ def test_unknown_config_key_is_refused_with_its_name(tmp_path):
                      cwd=tmp_path)
     assert result.returncode != 0
     assert "d_modle" in result.stderr
+
+
+def test_mistyped_value_and_missing_config_file_name_the_problem(tmp_path):
+    result = run_cli("fit", "--config", str(ROOT / "configs/demo.yaml"), "--model.init_args.d_model", "wide",
+                     cwd=tmp_path)
+    assert result.returncode != 0 and "d_model" in result.stderr and "wide" in result.stderr
+    result = run_cli("fit", "--config", str(tmp_path / "absent.yaml"), cwd=tmp_path)
+    assert result.returncode != 0 and "absent.yaml" in result.stderr
+    assert "Traceback" not in result.stderr

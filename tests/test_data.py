@@ -139,6 +139,27 @@ def test_unknown_format_is_rejected(tmp_path):
         load_pairs(str(tmp_path), "csv", "en", "es")
 
 
+def test_empty_lines_are_named_by_position(tmp_path):
+    folder = write_text(tmp_path / "corpus")
+    lines = (folder / "train.es").read_text(encoding="utf-8").splitlines()
+    lines[3] = lines[17] = ""
+    (folder / "train.es").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"2 pair\(s\) of the train split .* empty side \(pair number 4, 18.*delete"):
+        load_pairs(str(folder), "text", "en", "es")
+
+
+def test_a_split_without_examples_is_refused(tmp_path):
+    folder = write_tsv(tmp_path / "corpus")
+    (folder / "validation.tsv").write_text("id\tes\ten\n", encoding="utf-8")  # a header, no rows
+    with pytest.raises(ValueError, match="validation split in .* has no examples"):
+        load_pairs(str(folder), "tsv", "en", "es")
+
+
+def test_same_source_and_target_language_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="src_lang and tgt_lang are both 'en'"):
+        TranslationDataModule(str(tmp_path), src_lang="en", tgt_lang="en")
+
+
 @pytest.fixture
 def folder_module(tmp_path):
     folder = write_tsv(tmp_path / "corpus")
@@ -286,3 +307,16 @@ def test_multi30k_folder(tmp_path):
     batch = next(iter(datamodule.val_dataloader()))
     assert batch["src"].shape[0] * max(batch["src"].shape[1], batch["tgt"].shape[1]) <= 4096
     assert datamodule.tokenizer.decode(batch["tgt"][0]).strip()
+
+
+def test_max_length_beyond_the_models_positions_is_refused_before_training(folder_module, tmp_path):
+    from lightning.pytorch import Trainer
+
+    from lightning_transformer import Seq2SeqTransformer
+
+    model = Seq2SeqTransformer(src_vocab_size=200, tgt_vocab_size=200, d_model=32, nhead=4, num_encoder_layers=1,
+                               num_decoder_layers=1, dim_feedforward=64, max_len=16)
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, max_steps=1)
+    with pytest.raises(ValueError, match="max_length=32 exceeds the model's max_len=16.*lower data.max_length"):
+        trainer.fit(model, folder_module())
+    assert trainer.global_step == 0

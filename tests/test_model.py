@@ -105,6 +105,19 @@ def test_batch_formats_and_errors():
         Seq2SeqTransformer.unpack_batch(src)
 
 
+def test_a_batch_whose_targets_are_all_padding_is_refused(tmp_path):
+    src = torch.tensor([[5, 6, 2]])
+    batches = [(src, torch.zeros(1, 4, dtype=torch.long))]
+    with pytest.raises(ValueError, match="every target token of this training batch is padding.*pad_token_id=0"):
+        trainer(tmp_path, max_steps=1).fit(tiny_model(), DataLoader(batches, batch_size=None))
+
+
+def test_a_sequence_longer_than_max_len_is_refused_by_name():
+    model = tiny_model(max_len=8)
+    with pytest.raises(ValueError, match="length 9 exceeds the model's max_len=8.*raise model.max_len"):
+        model(torch.ones(1, 9, dtype=torch.long), torch.ones(1, 3, dtype=torch.long))
+
+
 def test_trainer_runs_the_kth_optimizer_step_at_noam_lr_k(tmp_path):
     record = RecordSteps()
     model = tiny_model(warmup_steps=4, lr_factor=2.0)

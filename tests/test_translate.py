@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.translate import TranslationWriter, load_translator, tokenizer_from_checkpoint, translate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +60,24 @@ def test_missing_and_truncated_checkpoints_give_clear_errors(small_run, tmp_path
     truncated.write_bytes((root / "checkpoints" / "last.ckpt").read_bytes()[:1000])
     with pytest.raises(ValueError, match="could not be read"):
         load_translator(truncated)
+
+
+def test_tokenizer_larger_than_the_models_vocabulary_is_refused(small_run, tmp_path):
+    root, _, _ = small_run
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"].update(src_vocab_size=100, tgt_vocab_size=100)
+    checkpoint["state_dict"] = Seq2SeqTransformer(**checkpoint["hyper_parameters"]).state_dict()
+    path = tmp_path / "mismatch.ckpt"
+    torch.save(checkpoint, path)
+    with pytest.raises(ValueError, match="has 300 tokens but the model only 100.*inconsistent"):
+        load_translator(path)
+
+
+def test_missing_input_file_is_a_clear_error(small_run, tmp_path):
+    checkpoint = small_run[0] / "checkpoints" / "last.ckpt"
+    result = cli(str(checkpoint), "--input", str(tmp_path / "absent.txt"), "--output", str(tmp_path / "out.txt"))
+    assert result.returncode != 0 and "absent.txt does not exist" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out.txt").exists()
 
 
 def test_checkpoint_without_tokenizer_is_refused(small_run, tmp_path):
