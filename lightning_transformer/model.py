@@ -21,6 +21,7 @@ from .checkpoint import ResumeRandomState
 from .decoding import beam_search
 from .losses import ProjectedLabelSmoothingLoss
 from .masks import create_combined_mask, create_padding_mask
+from .sampler import unpack_batch
 from .schedules import cosine_schedule, noam_schedule, paper_adam
 from .transformer import Transformer
 
@@ -273,20 +274,7 @@ class Seq2SeqTransformer(LightningModule):
         return int(total)
 
     # ----- helpers ----------------------------------------------------------------------------
-    @staticmethod
-    def unpack_batch(batch, need_target: bool = True) -> tuple[Tensor, Tensor | None]:
-        """A batch is ``(src, tgt)`` or a mapping with keys ``src`` and ``tgt``, both ``(B, L)`` ids."""
-        if isinstance(batch, Mapping):
-            missing = [key for key in ("src", "tgt")[: 1 + need_target] if key not in batch]
-            if missing:
-                raise KeyError(f"the batch mapping lacks {missing}; it needs 'src' and 'tgt', got {sorted(batch)}.")
-            return batch["src"], batch.get("tgt")
-        if isinstance(batch, (tuple, list)) and len(batch) in (1 + need_target, 2):
-            return batch[0], batch[1] if len(batch) == 2 else None
-        raise TypeError(
-            f"a batch must be a (src, tgt) pair of token-id tensors or a mapping with 'src' and 'tgt', "
-            f"got {type(batch).__name__}."
-        )
+    unpack_batch = staticmethod(unpack_batch)  # a hook: a subclass reads its own batch format
 
     def _evaluate(self, batch) -> None:
         src, tgt = self.unpack_batch(batch)

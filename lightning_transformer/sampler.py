@@ -1,12 +1,13 @@
-"""Length-bucketed batches under a padded-token budget, shardable and resumable, and their loader."""
+"""Length-bucketed batches under a padded-token budget, shardable and resumable; their loader and contract."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, Sampler
 
@@ -173,6 +174,20 @@ def collate(examples: dict[str, list], pad_id: int) -> Batch:
     }
     batch["index"] = torch.tensor(examples["index"])
     return batch
+
+def unpack_batch(batch, need_target: bool = True) -> tuple[Tensor, Tensor | None]:
+    """A batch is ``(src, tgt)`` or a mapping with keys ``src`` and ``tgt``, both ``(B, L)`` ids."""
+    if isinstance(batch, Mapping):
+        missing = [key for key in ("src", "tgt")[: 1 + need_target] if key not in batch]
+        if missing:
+            raise KeyError(f"the batch mapping lacks {missing}; it needs 'src' and 'tgt', got {sorted(batch)}.")
+        return batch["src"], batch.get("tgt")
+    if isinstance(batch, (tuple, list)) and len(batch) in (1 + need_target, 2):
+        return batch[0], batch[1] if len(batch) == 2 else None
+    raise TypeError(
+        f"a batch must be a (src, tgt) pair of token-id tensors or a mapping with 'src' and 'tgt', "
+        f"got {type(batch).__name__}."
+    )
 
 
 class ResumableDataLoader(DataLoader):
