@@ -2,6 +2,7 @@
 
 from .allocator import tune_malloc
 from .decoding import Hypothesis, beam_search, greedy_decode, length_penalty
+from .doctor import TrainingDoctor
 from .losses import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
 from .masks import create_causal_mask, create_combined_mask, create_padding_mask
 from .model import Seq2SeqTransformer
@@ -13,6 +14,7 @@ __all__ = [
     "LabelSmoothingLoss",
     "ProjectedLabelSmoothingLoss",
     "Seq2SeqTransformer",
+    "TrainingDoctor",
     "Transformer",
     "compute_loss",
     "cosine_lambda",
