@@ -14,6 +14,7 @@ from ddp_run import MODEL
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.cli import TransformerCLI
@@ -92,6 +93,8 @@ def multinode_trainer(monkeypatch, tmp_path, env: dict):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    # The Trainer makes this process rank 11, which would silence every later rank-zero warning.
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     with torch.device("meta"):  # the base model's weights are not needed
         cli = TransformerCLI(Seq2SeqTransformer, LightningDataModule, subclass_mode_model=True,
                              subclass_mode_data=True, run=False,
