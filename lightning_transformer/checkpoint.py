@@ -34,16 +34,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
+        if "GLOBAL" not in str(error) and "Unsupported" not in str(error):  # damaged, not hostile
+            raise _unreadable(path, error) from None
         raise UnsafeCheckpointError(
             f"checkpoint {path} holds pickled objects other than tensors and plain values, and opening it could run "
             f"code, so it was not loaded ({_unsafe_global(error)}). Use a checkpoint written by `lightning-transformer "
             "fit`; if you wrote this file yourself and trust it, re-save its tensors with torch.save."
         ) from None
     except Exception as error:
-        raise ValueError(
-            f"checkpoint {path} could not be read ({type(error).__name__}: {_first_line(error)}); it may be truncated "
-            "or not a Lightning checkpoint. Use another checkpoint, e.g. last.ckpt."
-        ) from None
+        raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> ValueError:
+    return ValueError(
+        f"checkpoint {path} could not be read ({type(error).__name__}: {_first_line(error)}); it may be truncated "
+        "or not a Lightning checkpoint. Use another checkpoint, e.g. last.ckpt."
+    )
 
 
 def check_checkpoint_path(ckpt_path: str | Path | None) -> None:
