@@ -103,14 +103,14 @@ class TranslationDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the cached tokenizer and tokenised splits; save tokenizer.json next to the logs."""
-        if self.tokenizer is None:
-            self.tokenizer = self._load_tokenizer()
-        self._tokenise(self.tokenizer)
         trainer = self.trainer
         model_max = getattr(trainer.lightning_module, "hparams", {}).get("max_len") if trainer is not None else None
         if model_max is not None and self.hparams.max_length > model_max:
             raise ValueError(f"data max_length={self.hparams.max_length} exceeds the model's max_len={model_max}, so "
                              "long sentences would overflow its positions; lower data.max_length or raise model.max_len.")
+        if self.tokenizer is None:
+            self.tokenizer = self._load_tokenizer()
+        self._tokenise(self.tokenizer)
         # Without a logger a run has no folder of its own (log_dir falls back to the working directory).
         if stage == "fit" and trainer is not None and trainer.loggers:
             log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it

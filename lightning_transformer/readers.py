@@ -48,20 +48,21 @@ def load_pairs(dataset: str, format: str, src_lang: str, tgt_lang: str, config: 
     if format == "auto":
         format = detect_format(dataset)
     if format == "hub":
-        return _read_hub(dataset, config, src_lang, tgt_lang)
-    folder = DEFAULT_CORPUS if format == "default" else Path(dataset).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Dataset folder {folder} does not exist. Check the path in `dataset`.")
-    readers = {"default": _read_tsv, "tsv": _read_tsv, "text": _read_text, "jsonl": _read_jsonl, "disk": _read_disk}
-    splits = readers[format](folder, src_lang, tgt_lang)
-    missing = [name for name in REQUIRED_SPLITS if name not in splits]
-    if missing:
-        raise FileNotFoundError(
-            f"{folder} has no {' or '.join(missing)} split for format {format!r}. Add the files "
-            f"(split names: {', '.join(SPLIT_NAMES)}) or point `dataset` at another folder."
-        )
+        splits, where = _read_hub(dataset, config, src_lang, tgt_lang), dataset
+    else:
+        folder = DEFAULT_CORPUS if format == "default" else Path(dataset).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"Dataset folder {folder} does not exist. Check the path in `dataset`.")
+        readers = {"default": _read_tsv, "tsv": _read_tsv, "text": _read_text, "jsonl": _read_jsonl, "disk": _read_disk}
+        splits, where = readers[format](folder, src_lang, tgt_lang), str(folder)
+        missing = [name for name in REQUIRED_SPLITS if name not in splits]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} has no {' or '.join(missing)} split for format {format!r}. Add the files "
+                f"(split names: {', '.join(SPLIT_NAMES)}) or point `dataset` at another folder."
+            )
     for split, pairs in splits.items():
-        _check_pairs(split, pairs, str(folder))
+        _check_pairs(split, pairs, where)
     return splits
 
 
@@ -217,10 +218,7 @@ def _read_hub(name: str, config: str | None, src_lang: str, tgt_lang: str) -> di
             "Check the name and your connection (HF_DATASETS_OFFLINE=1 forbids downloads); "
             "for a local folder, pass a path starting with './' or '/'."
         ) from None
-    splits = _from_dataset_dict(loaded, src_lang, tgt_lang, name)
-    for split, pairs in splits.items():
-        _check_pairs(split, pairs, name)
-    return splits
+    return _from_dataset_dict(loaded, src_lang, tgt_lang, name)
 
 
 def _from_dataset_dict(loaded, src_lang: str, tgt_lang: str, where: str) -> dict[str, Pairs]:
