@@ -109,18 +109,7 @@ class MultiHeadAttention(nn.Module):
         Returns:
             ``(B, T, D)``.
         """
-        if self.cross:
-            (q,) = self._split_heads(self.q_proj(x), 1)
-            if cache is not None and "k" in cache:
-                k, v = cache["k"], cache["v"]
-            else:
-                k, v = self._split_heads(self.kv_proj(memory), 2)
-        else:
-            q, k, v = self._split_heads(self.qkv_proj(x), 3)
-            if cache is not None and "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-        if cache is not None:
-            cache["k"], cache["v"] = k, v
+        q, k, v = self._project(x, memory, cache)
         batch, _, length, _ = q.shape
         group = batch // k.size(0)
         if group > 1:  # consecutive query rows share one memory row: fold them into query positions
@@ -133,6 +122,36 @@ class MultiHeadAttention(nn.Module):
         if group > 1:
             out = out.unflatten(2, (group, length)).transpose(1, 2).flatten(0, 1)
         return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+    def _project(self, x: Tensor, memory: Tensor | None, cache: dict[str, Tensor] | None) -> tuple[Tensor, ...]:
+        """Queries ``(B, H, T, D/H)`` and keys, values ``(B', H, S, D/H)``, through ``cache`` if given."""
+        if self.cross:
+            (q,) = self._split_heads(self.q_proj(x), 1)
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = self._split_heads(self.kv_proj(memory), 2)
+        else:
+            q, k, v = self._split_heads(self.qkv_proj(x), 3)
+            if cache is not None and "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        return q, k, v
+
+    def attention_weights(self, x: Tensor, mask: Tensor | None = None, memory: Tensor | None = None) -> Tensor:
+        """The probabilities ``(B, H, T, S)`` that :meth:`forward` averages values with, without dropout.
+
+        For inspection (heatmaps, probes): training never materialises them. A query with no key
+        to attend gets a row of zeros, as in :meth:`forward`.
+        """
+        q, k, _ = self._project(x, memory, None)
+        scores = (q @ k.transpose(-2, -1)).float() * self.head_dim**-0.5
+        if mask is None:
+            return scores.softmax(-1)
+        weights = scores.masked_fill(~mask, -math.inf).softmax(-1)
+        return weights.nan_to_num(0.0)
 
 
 class FeedForward(nn.Module):

@@ -57,6 +57,23 @@ def test_cross_attention_matches_float64_reference(batch):
     assert torch.allclose(attn(x, mask, memory=memory).double(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_attention_weights_are_the_ones_forward_applies(batch, cross):
+    tokens, x = batch
+    memory = torch.randn(3, 6, 16) if cross else None
+    attn = MultiHeadAttention(16, 4, cross=cross).eval()
+    mask = create_padding_mask(tokens) if cross else create_combined_mask(tokens)
+    weights = attn.attention_weights(x, mask, memory)
+    assert weights.shape == (3, 4, 6, 6)
+    assert (weights.masked_select(~mask) == 0).all()  # nothing on masked keys: not even a tiny leak
+    rows = weights.sum(-1)
+    assert torch.allclose(rows, mask.any(-1).float().expand_as(rows))  # 1, or 0 with no key to attend
+    values = (attn.kv_proj(memory).chunk(2, -1)[1] if cross else attn.qkv_proj(x).chunk(3, -1)[2])
+    values = values.view(3, 6, 4, 4).transpose(1, 2)
+    rebuilt = attn.out_proj((weights @ values).transpose(1, 2).flatten(2))
+    assert torch.allclose(rebuilt, attn(x, mask, memory=memory), atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fully_masked_rows_give_finite_outputs_and_gradients(batch, dtype):
     tgt, x = batch
