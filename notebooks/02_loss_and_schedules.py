@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -187,11 +189,13 @@ plt.tight_layout()
 plt.show()
 
 # %% [markdown]
-# After a run this short both models are still far from the over-confidence that long training
-# brings to unsmoothed models, so read the gap with care: the robust part of the picture is that
-# smoothing caps confidence (no ε = 0.1 model puts much more than 1 − ε on a token, as section 2
-# predicts), while the unsmoothed model is free to approach 1. Over a full training run that
-# freedom turns into over-confidence, which is what the paper's ε = 0.1 counters.
+# In the full run stored with this notebook (400 steps), the unsmoothed model is the better
+# calibrated one (ECE 0.021 against 0.042), and the smoothed model is slightly *under*-confident:
+# its accuracy is above its confidence in most bins. What smoothing clearly does is cap
+# confidence near 1 − ε, as section 2 predicts: the ε = 0 model puts more than 0.95 on 11.7% of
+# the tokens, the ε = 0.1 model on 0.4%, and its histogram piles up just below 0.9 instead of at 1.
+# Over-confidence of unsmoothed models grows with longer training, and 400 steps are too few to
+# show it. Read these numbers as one short run, not a measurement of calibration at convergence.
 #
 # ## 4. Learning-rate schedules
 #

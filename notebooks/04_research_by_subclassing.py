@@ -165,10 +165,11 @@ final = pd.DataFrame({name: logged.dropna(subset=["val/nll"]).iloc[-1][["step", 
 final
 
 # %% [markdown]
-# One short run per variant is one sample: dropout and batch order alone move a 300-step
-# validation NLL by a few hundredths (the demo's perplexity moves from 39 to 31 between two seeds,
-# see the README), so a difference that small is not a finding. A real comparison trains longer
-# and repeats each variant over seeds.
+# In the full run stored with this notebook, the two validation NLLs end 0.017 nats apart (4.689
+# with label smoothing, 4.673 with the confidence penalty, after 300 steps). One run per variant
+# is one sample: the seed alone moves the demo's 500-step perplexity from 39 to 31, about
+# 0.25 nats (see the README), so a difference this small is not a finding. A real comparison
+# trains longer and repeats each variant over seeds.
 #
 # ## Other one-method changes
 #
