@@ -34,7 +34,12 @@ def _smoothed_terms(z: Tensor, targets: Tensor, smoothing: float, pad: int,
     off_value = smoothing / (z.size(-1) - 2)
     log_probs = torch.log_softmax(z.float(), dim=-1)
     target = log_probs.gather(1, targets[:, None]).squeeze(1)
-    others = log_probs.sum(-1) - target - log_probs[:, pad]
+    # The pad column is left out of the sum rather than subtracted from it: a model that masks
+    # padding out of its output with -inf would otherwise get inf - inf = NaN.
+    pad_column = log_probs[:, pad].clone()
+    log_probs[:, pad] = 0.0
+    others = log_probs.sum(-1) - target
+    log_probs[:, pad] = pad_column
     loss, nll = -(1.0 - smoothing) * target - off_value * others, -target
     if not with_grad:
         return loss, nll, None
@@ -194,7 +199,7 @@ class LabelSmoothingLoss(nn.Module):
         flat_targets = targets.reshape(-1)
         per_token = _SmoothedCrossEntropy.apply(flat_logits, flat_targets, self.smoothing, self.pad_token_id)
         not_pad = flat_targets != self.pad_token_id
-        per_token = per_token * not_pad
+        per_token = torch.where(not_pad, per_token, 0.0)
         if self.reduction == "none":
             return per_token.view(targets.shape)
         total = per_token.sum()

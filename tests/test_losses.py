@@ -84,6 +84,24 @@ def test_all_padding_targets_give_zero_not_nan():
     assert compute_loss(logits, targets).item() == 0.0
 
 
+def test_padding_logit_masked_to_minus_inf_gives_the_finite_reference():
+    logits, targets = make_batch()
+    logits[..., 0] = float("-inf")  # a model that never predicts padding
+    leaf = logits.clone().requires_grad_()
+    loss = LabelSmoothingLoss(11, 0.1)(leaf, targets)
+    loss.backward()
+    # The same distribution as explicit_smoothed_loss, with 0 * log(0) taken as 0 at padding.
+    reference = logits.double().requires_grad_()
+    log_probs = reference.log_softmax(-1)[targets != 0]
+    true_dist = torch.full_like(log_probs, 0.1 / 9).scatter_(1, targets[targets != 0][:, None], 0.9)
+    true_dist[:, 0] = 0.0
+    expected = -torch.where(true_dist > 0, true_dist * log_probs, 0.0).sum() / len(log_probs)
+    expected.backward()
+    assert torch.isfinite(loss) and torch.allclose(loss.double(), expected, atol=1e-6)
+    assert torch.isfinite(leaf.grad).all() and (leaf.grad[..., 0] == 0).all()
+    assert torch.allclose(leaf.grad[..., 1:].double(), reference.grad[..., 1:], atol=1e-7)
+
+
 def test_bfloat16_logits_match_float32():
     logits, targets = make_batch()
     low = logits.bfloat16().requires_grad_()
