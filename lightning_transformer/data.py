@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from .readers import load_pairs
-from .sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
+from .sampler import ResumableDataLoader, SplitRows, TokenBudgetBatchSampler, collate
 from .tokenizer import PAD_ID, Tokenizer
 
 _COLUMNS = ("src_ids", "tgt_ids", "length", "index")
@@ -178,7 +178,7 @@ class TranslationDataModule(LightningDataModule):
     def _loader(self, split: str, sampler: TokenBudgetBatchSampler,
                 loader: Callable[..., DataLoader] = ResumableDataLoader) -> DataLoader:
         return loader(
-            self.splits[split].select_columns(["src_ids", "tgt_ids", "index"]),
+            SplitRows(self.splits[split].select_columns(["src_ids", "tgt_ids", "index"])),
             sampler=sampler,
             collate_fn=partial(collate, pad_id=PAD_ID),
             num_workers=self.hparams.num_workers,

@@ -169,9 +169,10 @@ class FeedForward(nn.Module):
 
 def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
     """``(max_len, d_model)`` table: ``sin`` on even, ``cos`` on odd channels (paper, section 3.5)."""
-    position = torch.arange(max_len, dtype=torch.float64)[:, None]
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(max_len, d_model, dtype=torch.float64)
+    # On the CPU explicitly, so that a model built under ``torch.device("meta")`` still gets real values.
+    position = torch.arange(max_len, dtype=torch.float64, device="cpu")[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64, device="cpu") * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_len, d_model, dtype=torch.float64, device="cpu")
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq)[:, : d_model // 2]
     return table.float()
@@ -185,7 +186,13 @@ class Embeddings(nn.Module):
         self.token = token_embedding
         self.scale = math.sqrt(token_embedding.embedding_dim)
         self.dropout = Dropout(dropout)
-        self.register_buffer("positions", sinusoidal_positions(max_len, token_embedding.embedding_dim), persistent=False)
+        # A constant, so not a buffer: DDP would broadcast it from rank 0 before every forward.
+        self.positions = sinusoidal_positions(max_len, token_embedding.embedding_dim)
+
+    def _apply(self, fn, recurse: bool = True):
+        """Move and cast the position table with the module (``to``, ``cuda``, ``half``), as a buffer would be."""
+        self.positions = fn(self.positions)
+        return super()._apply(fn, recurse)
 
     def forward(self, ids: Tensor, offset: int = 0) -> Tensor:
         """``(B, L)`` ids at positions ``offset .. offset + L - 1`` -> ``(B, L, D)``."""

@@ -9,6 +9,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
+from .sampler import is_filler
+
 
 def gather_unique(outputs: dict[int, str]) -> dict[int, str]:
     """Every rank's ``{index: hypothesis}`` merged, one entry per index (a no-op without DDP)."""
@@ -58,7 +60,7 @@ class TranslationMetrics(Callback):
         return (self._evaluations + 1) % self.every_n_evaluations == 0
 
     def _collect(self, trainer: Trainer, pl_module: LightningModule, batch) -> None:
-        if not self._active(trainer):
+        if not self._active(trainer) or is_filler(batch):
             return
         if "index" not in batch:
             raise KeyError("TranslationMetrics needs evaluation batches with an 'index' tensor (TranslationDataModule's).")

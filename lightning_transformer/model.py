@@ -21,7 +21,7 @@ from .checkpoint import ResumeRandomState
 from .decoding import beam_search
 from .losses import ProjectedLabelSmoothingLoss
 from .masks import create_combined_mask, create_padding_mask
-from .sampler import unpack_batch
+from .sampler import is_filler, unpack_batch
 from .schedules import cosine_schedule, noam_schedule, paper_adam
 from .transformer import Transformer
 
@@ -218,6 +218,8 @@ class Seq2SeqTransformer(LightningModule):
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, list]:
         """Beam search: ``{"tokens": ids without BOS/EOS/padding per sentence, "index": the batch's, if any}``."""
+        if is_filler(batch):
+            return {"tokens": [], "index": []}
         src = batch if isinstance(batch, Tensor) else self.unpack_batch(batch, need_target=False)[0]
         index = batch["index"].tolist() if isinstance(batch, Mapping) and "index" in batch else None
         return {"tokens": [hyps[0].tokens for hyps in self.translate_ids(src)], "index": index}
@@ -281,7 +283,8 @@ class Seq2SeqTransformer(LightningModule):
         tgt_input, tgt_output = self.shift_targets(tgt)
         src_mask, tgt_mask = self.make_masks(src, tgt_input)
         states = self.decode_states(tgt_input, self.encode(src, src_mask), tgt_mask, src_mask)
-        tokens = (tgt_output != self.pad_token_id).sum()
+        # A filler batch runs only so that this rank keeps step with the others: it weighs nothing.
+        tokens = 0 if is_filler(batch) else (tgt_output != self.pad_token_id).sum()
         # Token-weighted means, synced across processes by torchmetrics: a corpus-level value.
         self.eval_loss.update(self.compute_loss(states, tgt_output), weight=tokens)
         self.eval_nll.update(self.compute_nll(states, tgt_output), weight=tokens)

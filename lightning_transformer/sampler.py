@@ -24,11 +24,14 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
     ``seed`` and the epoch set with ``set_epoch``.
 
     With ``num_replicas > 1`` batch ``i`` goes to rank ``i % num_replicas``, so
-    ranks never share an example. When the batch count is not a multiple of
-    ``num_replicas`` and ``even_batches`` is true, the last few batches of the
-    shuffled order (fewer than ``num_replicas``) are dropped for that epoch so
-    every rank takes the same number of optimizer steps; nothing is ever
-    duplicated. With one replica every example appears exactly once per epoch.
+    ranks never share an example, and every rank yields the same number of
+    batches: ranks enter collectives (DDP, metric syncs, gathers) together. When
+    the batch count is not a multiple of ``num_replicas``, training
+    (``even_batches``) drops the last few batches of the shuffled order for that
+    epoch, and evaluation instead gives each short rank a *filler*: its shortest
+    example as a one-sentence batch, yielded as ``[~index]`` (negative), which
+    :class:`SplitRows` marks so that it counts nowhere. With one replica every
+    example appears exactly once per epoch.
 
     Args:
         lengths: per-example length in tokens, e.g. ``max(src_len, tgt_len)``.
@@ -39,9 +42,8 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         seed: base seed; the epoch is added so every epoch has its own order.
         num_replicas: number of data-parallel ranks.
         rank: this process's rank, in ``[0, num_replicas)``.
-        even_batches: drop surplus batches so all ranks get the same count
-            (needed for training); if False, ranks may differ by one batch
-            and every example is visited (fine for evaluation).
+        even_batches: drop surplus batches (training); if False, pad short
+            ranks with filler batches so every example is visited (evaluation).
     """
 
     def __init__(
@@ -83,6 +85,11 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         self._start = 0
         self._yielded = 0
         self._num_batches = len(self._all_batches(np.random.default_rng(0)))
+        if even_batches and self._num_batches < num_replicas:
+            raise ValueError(
+                f"The split packs into {self._num_batches} batch(es), fewer than the {num_replicas} ranks, so some "
+                "ranks would train on nothing. Lower max_tokens (or batch_size), add data, or use fewer devices."
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order the next iteration follows.
@@ -118,7 +125,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         """Batches this rank yields in a full epoch (a resumed epoch yields the remainder)."""
         if self.even_batches:
             return self._num_batches // self.num_replicas
-        return len(range(self.rank, self._num_batches, self.num_replicas))
+        return -(-self._num_batches // self.num_replicas)
 
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -127,6 +134,7 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
             batches = [batches[i] for i in rng.permutation(len(batches))]
         stop = len(batches) - len(batches) % self.num_replicas if self.even_batches else len(batches)
         mine = batches[self.rank : stop : self.num_replicas]
+        mine += [[~int(self.lengths.argmin())]] * (len(self) - len(mine))
         start, self._start = self._start, 0
         self._yielded = start
         for batch in mine[start:]:
@@ -166,14 +174,45 @@ def collate(examples: dict[str, list], pad_id: int) -> Batch:
         pad_id: id used for padding.
 
     Returns:
-        ``{"src": (B, S), "tgt": (B, T), "index": (B,)}`` int64 tensors.
+        ``{"src": (B, S), "tgt": (B, T), "index": (B,)}`` int64 tensors, and ``"filler": True`` for a
+        filler batch (see :class:`SplitRows`).
     """
     batch = {
         key: pad_sequence([torch.tensor(ids) for ids in examples[column]], batch_first=True, padding_value=pad_id)
         for key, column in (("src", "src_ids"), ("tgt", "tgt_ids"))
     }
     batch["index"] = torch.tensor(examples["index"])
+    if examples.get("filler"):
+        batch["filler"] = True
     return batch
+
+
+def is_filler(batch) -> bool:
+    """Whether ``batch`` only keeps its rank in step with the others and must count nowhere."""
+    return isinstance(batch, Mapping) and bool(batch.get("filler", False))
+
+
+class SplitRows:
+    """A split's rows for a sampler's index list, as ``{column: values}``.
+
+    A filler batch, yielded as negative indices ``~i`` (see :class:`TokenBudgetBatchSampler`), reads
+    rows ``i`` and is flagged ``filler``: evaluation runs it, so every rank takes part in each
+    collective, but neither losses, BLEU nor predictions count it.
+
+    Args:
+        dataset: rows indexable by a list of indices, e.g. a ``datasets.Dataset``.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices: list[int]) -> dict[str, Any]:
+        if indices and indices[0] < 0:
+            return {**self.dataset[[~i for i in indices]], "filler": True}
+        return self.dataset[indices]
 
 def unpack_batch(batch, need_target: bool = True) -> tuple[Tensor, Tensor | None]:
     """A batch is ``(src, tgt)`` or a mapping with keys ``src`` and ``tgt``, both ``(B, L)`` ids."""

@@ -1,7 +1,11 @@
-"""DDP: two CPU processes train exactly like one on the same global batch, and
-``configs/multinode.yaml`` builds the strategy that torchrun and SLURM launches need."""
+"""DDP: two CPU processes train exactly like one on the same global batch, evaluation runs to the
+end on more ranks than batches, and ``configs/multinode.yaml`` builds the strategy that torchrun
+and SLURM launches need."""
 
+import gzip
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +24,8 @@ from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.cli import TransformerCLI
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
+EVAL_SCRIPT = Path(__file__).with_name("ddp_eval_run.py")
+CORPUS = Path(__file__).resolve().parents[1] / "lightning_transformer" / "corpus"
 MULTINODE = Path(__file__).resolve().parents[1] / "configs" / "multinode.yaml"
 
 
@@ -36,6 +42,21 @@ def train(tmp_path: Path, name: str, *args: str) -> dict:
                              *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(output)
+
+
+def run_ranks(command: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a DDP script; on a hang, kill every rank it launched (they share its session) and fail."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the ranks hung for {timeout} s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def max_parameter_difference(first: dict, second: dict) -> float:
@@ -73,6 +94,23 @@ def test_averaging_per_rank_means_would_miss_by_far_more_than_the_tolerance(runs
     reported = torch.tensor(runs["two"]["rank_mean_losses"])
     assert (reported - torch.tensor(one["losses"])).abs().max() > 0.1
     assert max_parameter_difference(per_rank_mean["state_dict"], one["state_dict"]) > 0.01
+
+
+def test_evaluation_and_prediction_finish_on_more_ranks_than_evaluation_batches(tmp_path):
+    """4 ranks, a 3-pair validation split in one batch: fit with sanity validation and BLEU, validate
+    with BLEU and predict all end, and every sentence counts exactly once."""
+    with gzip.open(CORPUS / "train.tsv.gz", "rt", encoding="utf-8") as handle:
+        lines = [next(handle) for _ in range(404)]
+    (tmp_path / "train.tsv").write_text("".join(lines[:401]), encoding="utf-8")
+    (tmp_path / "validation.tsv").write_text(lines[0] + "".join(lines[401:]), encoding="utf-8")
+    output, predictions = tmp_path / "result.json", tmp_path / "predictions.txt"
+    run_ranks([sys.executable, str(EVAL_SCRIPT), "--devices", "4", "--data", str(tmp_path), "--cache",
+               str(tmp_path / "cache"), "--output", str(output), "--predictions", str(predictions)], tmp_path, 240)
+    result = json.loads(output.read_text())
+    assert (result["world_size"], result["split_size"], result["split_batches"]) == (4, 3, 1)
+    assert result["fit_bleu_sentences"] == result["validate_bleu_sentences"] == 3
+    assert result["val_loss"] == pytest.approx(result["whole_split_loss"], abs=1e-5)
+    assert len(predictions.read_text(encoding="utf-8").splitlines()) == 3
 
 
 # What `torchrun --nnodes 2 --nproc-per-node 8` gives the 4th process of the second node, and what

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_transformer.sampler import ResumableDataLoader, TokenBudgetBatchSampler, collate
+from datasets import Dataset
+
+from lightning_transformer.sampler import ResumableDataLoader, SplitRows, TokenBudgetBatchSampler, collate, is_filler
 
 LENGTHS = np.random.default_rng(0).integers(2, 60, size=3000)
 
@@ -59,13 +61,39 @@ def test_ranks_get_disjoint_shards_of_equal_size():
     assert not set(flatten(shards[0])) & set(flatten(shards[1]))
 
 
-def test_uneven_sharding_keeps_every_example():
+def real(batches):
+    return [batch for batch in batches if batch[0] >= 0]
+
+
+def test_uneven_sharding_keeps_every_example_and_pads_short_ranks_with_a_filler():
     ranks = [
         TokenBudgetBatchSampler(LENGTHS, max_tokens=500, num_replicas=3, rank=r, even_batches=False) for r in range(3)
     ]
     shards = [list(sampler) for sampler in ranks]
-    assert [len(shard) for shard in shards] == [len(sampler) for sampler in ranks] == [66, 66, 65]
-    assert sorted(i for shard in shards for i in flatten(shard)) == list(range(len(LENGTHS)))
+    assert [len(shard) for shard in shards] == [len(sampler) for sampler in ranks] == [66, 66, 66]
+    assert [len(real(shard)) for shard in shards] == [66, 66, 65]
+    assert sorted(i for shard in shards for i in flatten(real(shard))) == list(range(len(LENGTHS)))
+    assert shards[2][-1] == [~int(LENGTHS.argmin())]  # one sentence, the shortest
+
+
+def test_more_ranks_than_evaluation_batches_gives_every_rank_one_batch():
+    lengths = [5, 7, 6]  # one batch
+    shards = [list(TokenBudgetBatchSampler(lengths, max_tokens=100, shuffle=False, num_replicas=4, rank=r,
+                                           even_batches=False)) for r in range(4)]
+    assert shards == [[[0, 2, 1]], [[~0]], [[~0]], [[~0]]]
+
+
+def test_split_rows_flag_filler_batches_and_collate_keeps_the_flag():
+    rows = SplitRows(Dataset.from_dict({"src_ids": [[5, 2], [6, 7, 2]], "tgt_ids": [[1, 5, 2], [1, 2]],
+                                        "index": [0, 1]}))
+    assert not is_filler(collate(rows[[1, 0]], pad_id=0))
+    filler = collate(rows[[~1]], pad_id=0)
+    assert is_filler(filler) and filler["index"].tolist() == [1] and filler["src"].tolist() == [[6, 7, 2]]
+
+
+def test_training_shards_with_fewer_batches_than_ranks_are_refused():
+    with pytest.raises(ValueError, match="packs into 1 batch.*fewer than the 4 ranks.*Lower max_tokens"):
+        TokenBudgetBatchSampler([5, 7, 6], max_tokens=100, num_replicas=4, rank=0)
 
 
 def test_resuming_mid_epoch_yields_exactly_the_remaining_batches():
