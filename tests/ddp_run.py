@@ -83,6 +83,25 @@ class RecordLosses(Callback):
         self.rank_mean_losses.append(reduce(rank_mean, reduce_op="mean").item())
 
 
+class CountBarriers(Callback):
+    """Barriers entered from a training batch's start to its end (optimizer step included): each one
+    makes every rank wait for the slowest."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._barrier = torch.distributed.barrier
+
+    def _counted(self, *args, **kwargs):
+        self.count += 1
+        return self._barrier(*args, **kwargs)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        torch.distributed.barrier = self._counted
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        torch.distributed.barrier = self._barrier
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, choices=(1, 2), required=True)
@@ -94,14 +113,15 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     model = (PerRankMean if args.per_rank_mean else Seq2SeqTransformer)(**MODEL)
     model.load_state_dict(torch.load(args.init))
-    record = RecordLosses()
+    record, barriers = RecordLosses(), CountBarriers()
     trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                      max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False, callbacks=[record],
+                      max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False, callbacks=[barriers, record],
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, UnevenPairs())
     if trainer.is_global_zero:
         torch.save({"state_dict": model.state_dict(), "losses": record.global_losses,
-                    "rank_mean_losses": record.rank_mean_losses, "world_size": trainer.world_size}, args.output)
+                    "rank_mean_losses": record.rank_mean_losses, "world_size": trainer.world_size,
+                    "barriers_in_steps": barriers.count}, args.output)
 
 
 if __name__ == "__main__":

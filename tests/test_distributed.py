@@ -88,6 +88,11 @@ def test_two_processes_match_one_process_on_the_same_global_batch(runs):
     assert max_parameter_difference(one["state_dict"], runs["initial"]["state_dict"]) > 0.05  # the weights did move
 
 
+def test_training_steps_wait_at_no_barrier(runs):
+    # RecordLosses reduces (behind barriers) after CountBarriers stops counting.
+    assert runs["two"]["barriers_in_steps"] == 0
+
+
 def test_averaging_per_rank_means_would_miss_by_far_more_than_the_tolerance(runs):
     # Rank 0 holds 5x the target tokens of rank 1, so weighing the ranks equally is visibly wrong.
     one, per_rank_mean = runs["one"], runs["two_per_rank_mean"]
