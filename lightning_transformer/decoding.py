@@ -41,10 +41,14 @@ def length_penalty(length: int, alpha: float, style: Literal["gnmt", "power"] = 
     raise ValueError(f"length penalty style must be 'gnmt' or 'power', got {style!r}.")
 
 
-def max_output_lengths(src: Tensor, pad_token_id: int, a: float, b: int) -> Tensor:
-    """Per-sentence limit ``a * source_length + b`` (at least 1), EOS included: ``(B,)`` long."""
+def max_output_lengths(src: Tensor, pad_token_id: int, a: float, b: int, max_positions: int | None = None) -> Tensor:
+    """Per-sentence limit ``a * source_length + b`` (at least 1), EOS included: ``(B,)`` long.
+
+    ``max_positions`` (the model's positional table) caps it: the decoder is fed BOS and every
+    generated token but the last, so ``max_positions`` positions allow ``max_positions`` tokens.
+    """
     source_lengths = (src != pad_token_id).sum(dim=1)
-    return (a * source_lengths + b).floor().long().clamp(min=1)
+    return (a * source_lengths + b).floor().long().clamp(min=1, max=max_positions)
 
 
 def _decoding_mode(function):
@@ -72,12 +76,13 @@ def _reorder_cache(cache: list[dict], order: Tensor) -> None:
 
 @_decoding_mode
 def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token_id: int,
-                  eos_token_id: int) -> list[list[int]]:
+                  eos_token_id: int, max_positions: int | None = None) -> list[list[int]]:
     """Pick the most likely next token (never padding or BOS) until every sentence has emitted EOS.
 
     Args:
         src: source ids ``(B, S)``.
         max_len: most tokens generated per sentence, EOS included: the last one is forced to EOS.
+        max_positions: the model's positional table (``hparams.max_len``), which caps ``max_len``.
 
     Returns:
         One list of token ids per sentence, without BOS, EOS or padding.
@@ -86,6 +91,7 @@ def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token
     memory, cache = model.encode(src, src_mask), model.init_cache()
     ys = torch.full((src.size(0), 1), bos_token_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+    max_len = max_len if max_positions is None else min(max_len, max_positions)
     for step in range(max_len):
         logits = model.decode(ys[:, -1:], memory, None, src_mask, cache)[:, -1]
         logits[:, [pad_token_id, bos_token_id]] = -math.inf
@@ -112,6 +118,7 @@ def beam_search(
     alpha: float = 0.6,
     penalty_style: Literal["gnmt", "power"] = "gnmt",
     nbest: int = 1,
+    max_positions: int | None = None,
 ) -> list[list[Hypothesis]]:
     """Batched beam search with a per-sentence length limit and length-normalised final scores.
 
@@ -127,6 +134,7 @@ def beam_search(
         max_len_a, max_len_b: at most ``a * source_length + b`` generated tokens (EOS included).
         alpha: length-penalty exponent (the paper: 0.6); ``penalty_style`` picks the formula.
         nbest: hypotheses returned per sentence, best first.
+        max_positions: the model's positional table (``hparams.max_len``), which caps the limit.
 
     Returns:
         For each sentence, its ``nbest`` best :class:`Hypothesis` by ``log_prob / length_penalty``.
@@ -134,7 +142,7 @@ def beam_search(
     if beam_size < 1 or not 1 <= nbest <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size} and {nbest}.")
     batch, k, device = src.size(0), beam_size, src.device
-    limits = max_output_lengths(src, pad_token_id, max_len_a, max_len_b)
+    limits = max_output_lengths(src, pad_token_id, max_len_a, max_len_b, max_positions)
     src_mask = create_padding_mask(src, pad_token_id)
     memory = model.encode(src, src_mask)  # (B, S, D): the K beams of a sentence share its row
     cache = model.init_cache()

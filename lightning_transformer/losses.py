@@ -11,13 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Logit elements processed at once by the label-smoothing kernel: bounds its float32 scratch memory
-# (16 MiB) whatever the batch and vocabulary sizes.
-CHUNK_ELEMENTS = 1 << 22
+
+def chunk_elements(device: torch.device) -> int:
+    """Logit elements the label-smoothing kernel processes at once on ``device``.
+
+    It bounds the kernel's scratch memory (a few float32 buffers of this size) whatever the batch
+    and vocabulary. CPU: 2^22 (16 MiB a buffer), small enough for a chunk's several passes to stay
+    mostly in cache; more chunks cost a CPU nothing. Other devices (CUDA): 2^26 (256 MiB a
+    buffer), because each chunk costs ~50 kernel launches: the base config's 25k tokens x 37k
+    vocabulary then take 14 chunks instead of 222, so the loss is bound by memory traffic, not by
+    launches (``tests/test_losses.py`` counts its operators).
+    """
+    return 1 << 22 if device.type == "cpu" else 1 << 26
 
 
-def _row_chunks(rows: int, vocab: int):
-    step = max(1, CHUNK_ELEMENTS // vocab)
+def _row_chunks(rows: int, vocab: int, device: torch.device):
+    step = max(1, chunk_elements(device) // vocab)
     return ((start, min(start + step, rows)) for start in range(0, rows, step))
 
 
@@ -81,7 +90,7 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, smoothing: float, pad_token_id: int) -> Tensor:
         loss = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
-        for start, end in _row_chunks(*logits.shape):
+        for start, end in _row_chunks(*logits.shape, logits.device):
             loss[start:end] = _smoothed_terms(logits[start:end], targets[start:end], smoothing, pad_token_id)[0]
         ctx.save_for_backward(logits, targets)
         ctx.smoothing, ctx.pad_token_id = smoothing, pad_token_id
@@ -91,47 +100,56 @@ class _SmoothedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        for start, end in _row_chunks(*logits.shape):
+        for start, end in _row_chunks(*logits.shape, logits.device):
             g = _smoothed_terms(logits[start:end], targets[start:end], ctx.smoothing, ctx.pad_token_id, True)[2]
             grad[start:end] = g.mul_(grad_loss[start:end, None])
         return grad, None, None, None
 
 
-class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
-    """The output projection fused with :class:`_SmoothedCrossEntropy`, summed over non-pad rows.
+def _projected_sums(states: Tensor, weight: Tensor, targets: Tensor, smoothing: float, pad_token_id: int,
+                    states_grad: bool, weight_grad: bool) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """``(smoothed loss sum, nll sum, d/dstates, d/dweight)`` over non-pad rows of ``states @ weight.T``.
 
     States ``(N, D)`` and weight ``(V, D)`` are projected a chunk of rows at a time; each chunk's
-    logits live only inside the loop. Because the result is a sum, its gradients w.r.t. the states
-    and the weight are accumulated in the same pass and backward merely scales them, so no
-    ``(N, V)`` tensor exists in forward or backward. Returns ``(smoothed loss sum, nll sum)``; the
+    logits live only inside the loop. The gradients of the sums, if asked for, are accumulated in
+    the same pass, so no ``(N, V)`` tensor exists.
+    """
+    loss_sum = torch.zeros((), dtype=torch.float32, device=states.device)
+    nll_sum = torch.zeros_like(loss_sum)
+    grad_states = torch.zeros_like(states) if states_grad else None
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
+    keep = (targets != pad_token_id)[:, None]
+    need_grad = states_grad or weight_grad
+    for start, end in _row_chunks(states.size(0), weight.size(0), states.device):
+        chunk_targets, chunk_keep = targets[start:end], keep[start:end]
+        # Padded rows are zeroed in the states, so they add nothing to the weight's gradient.
+        chunk_states = states[start:end] * chunk_keep
+        z = F.linear(chunk_states, weight)  # autocast, if on, picks the matmul dtype
+        loss, nll, grad = _smoothed_terms(z, chunk_targets, smoothing, pad_token_id, need_grad)
+        del z
+        loss_sum += loss @ chunk_keep.squeeze(1).float()
+        nll_sum += nll @ chunk_keep.squeeze(1).float()
+        if not need_grad:
+            continue
+        if grad_states is not None:
+            grad_states[start:end] = (grad @ weight) * chunk_keep
+        if grad_weight is not None and grad.dtype == grad_weight.dtype == chunk_states.dtype:
+            grad_weight.addmm_(grad.t(), chunk_states)  # no weight-sized temporary
+        elif grad_weight is not None:
+            grad_weight += grad.t() @ chunk_states
+    return loss_sum, nll_sum, grad_states, grad_weight
+
+
+class _ProjectedSmoothedCrossEntropy(torch.autograd.Function):
+    """:func:`_projected_sums` as an autograd function. Because the result is a sum, forward already
+    has the gradients and backward merely scales them. Returns ``(smoothed loss sum, nll sum)``; the
     nll is not differentiable.
     """
 
     @staticmethod
     def forward(ctx, states: Tensor, weight: Tensor, targets: Tensor, smoothing: float, pad_token_id: int):
-        loss_sum = torch.zeros((), dtype=torch.float32, device=states.device)
-        nll_sum = torch.zeros_like(loss_sum)
-        grad_states = torch.zeros_like(states) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        keep = (targets != pad_token_id)[:, None]
-        need_grad = grad_states is not None or grad_weight is not None
-        for start, end in _row_chunks(states.size(0), weight.size(0)):
-            chunk_targets, chunk_keep = targets[start:end], keep[start:end]
-            # Padded rows are zeroed in the states, so they add nothing to the weight's gradient.
-            chunk_states = states[start:end] * chunk_keep
-            z = F.linear(chunk_states, weight)  # autocast, if on, picks the matmul dtype
-            loss, nll, grad = _smoothed_terms(z, chunk_targets, smoothing, pad_token_id, need_grad)
-            del z
-            loss_sum += loss @ chunk_keep.squeeze(1).float()
-            nll_sum += nll @ chunk_keep.squeeze(1).float()
-            if not need_grad:
-                continue
-            if grad_states is not None:
-                grad_states[start:end] = (grad @ weight) * chunk_keep
-            if grad_weight is not None and grad.dtype == grad_weight.dtype == chunk_states.dtype:
-                grad_weight.addmm_(grad.t(), chunk_states)  # no weight-sized temporary
-            elif grad_weight is not None:
-                grad_weight += grad.t() @ chunk_states
+        loss_sum, nll_sum, grad_states, grad_weight = _projected_sums(
+            states, weight, targets, smoothing, pad_token_id, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_states, grad_weight)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(nll_sum)
@@ -236,9 +254,13 @@ class ProjectedLabelSmoothingLoss(LabelSmoothingLoss):
                 f"({self.vocab_size}, {states.size(-1)}) for vocab_size={self.vocab_size} and states of width "
                 f"{states.size(-1)}; build the model and the loss from the same tokenizer."
             )
-        flat_targets = targets.reshape(-1)
-        loss, nll = _ProjectedSmoothedCrossEntropy.apply(
-            states.reshape(-1, states.size(-1)), weight, flat_targets, self.smoothing, self.pad_token_id)
+        flat_targets, flat_states = targets.reshape(-1), states.reshape(-1, states.size(-1))
+        if torch.is_grad_enabled() and (states.requires_grad or weight.requires_grad):
+            loss, nll = _ProjectedSmoothedCrossEntropy.apply(
+                flat_states, weight, flat_targets, self.smoothing, self.pad_token_id)
+        else:  # e.g. evaluation: needs_input_grad would still ask for the weight's (a parameter's) gradient
+            loss, nll = _projected_sums(flat_states, weight, flat_targets, self.smoothing, self.pad_token_id,
+                                        False, False)[:2]
         if self.reduction == "mean":
             count = (flat_targets != self.pad_token_id).sum().clamp(min=1)
             loss, nll = loss / count, nll / count

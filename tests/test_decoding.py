@@ -11,6 +11,9 @@ from lightning_transformer import (
     greedy_decode,
     length_penalty,
 )
+from lightning_transformer.decoding import max_output_lengths
+from lightning_transformer.translate import main as translate_main
+from lightning_transformer.translate import translate
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 
@@ -137,3 +140,74 @@ def test_outputs_respect_the_per_sentence_limit():
 def test_bad_beam_arguments_are_refused():
     with pytest.raises(ValueError, match="nbest"):
         beam_search(TableModel(), torch.tensor([[5]]), beam_size=2, nbest=3)
+
+
+class NeverEnds(Seq2SeqTransformer):
+    """A model whose EOS logit is far below every other, so only a length limit stops its decoding."""
+
+    def project(self, states):
+        logits = super().project(states)
+        return logits - 1e4 * torch.nn.functional.one_hot(torch.tensor(EOS), logits.size(-1))
+
+
+def never_ends(vocab=30, **overrides):
+    torch.manual_seed(0)
+    return NeverEnds(src_vocab_size=vocab, tgt_vocab_size=vocab, d_model=32, nhead=4, num_encoder_layers=1,
+                     num_decoder_layers=1, dim_feedforward=64, max_len=8, **overrides).eval()
+
+
+def test_a_model_that_never_emits_eos_decodes_up_to_its_positions():
+    # a * S + b = 2 * 6 + 10 = 22 tokens would need 22 decoder positions; the model has 8.
+    model = never_ends(max_decode_len_a=2.0, max_decode_len_b=10)
+    src = torch.randint(3, 30, (2, 6))
+    src[1, 4:] = PAD
+    # BOS and 7 tokens fill the 8 positions; the 8th generated token, EOS, is never fed back.
+    for hyps in model.translate_ids(src, beam_size=3):
+        assert len(hyps[0].tokens) == 7
+    greedy = greedy_decode(model, src, 22, PAD, BOS, EOS, max_positions=8)
+    assert [len(tokens) for tokens in greedy] == [7, 7]
+    beam = beam_search(model, src, beam_size=2, max_len_a=2.0, max_len_b=10, max_positions=8)
+    assert [len(hyps[0].tokens) for hyps in beam] == [7, 7]
+
+
+def test_the_clamp_is_exactly_the_positional_table():
+    model = never_ends()
+    src = torch.randint(3, 30, (2, 6))
+    src[1, 2:] = PAD
+    assert max_output_lengths(src, PAD, 2.0, 10, max_positions=8).tolist() == [8, 8]
+    assert max_output_lengths(src, PAD, 0.5, 4, max_positions=8).tolist() == [7, 5]  # below the clamp: unchanged
+    assert [len(t) for t in greedy_decode(model, src, 8, PAD, BOS, EOS)] == [7, 7]  # 8 positions: fits
+    with pytest.raises(ValueError, match="exceeds the model's max_len=8"):  # one more would not
+        greedy_decode(model, src, 9, PAD, BOS, EOS)
+
+
+def tiny_tokenizer():
+    from lightning_transformer.tokenizer import Tokenizer
+
+    return Tokenizer.train(["the cat sat on the mat .", "where is the station ?"] * 10, vocab_size=300)
+
+
+LONG = "the cat sat on the mat where is the station the cat sat on the mat ."
+
+
+def test_over_long_input_to_translate_is_truncated_with_one_warning():
+    tokenizer = tiny_tokenizer()
+    model = never_ends(vocab=tokenizer.vocab_size, max_decode_len_a=2.0, max_decode_len_b=10)
+    with pytest.warns(UserWarning, match=r"2 of 3 sentences .* max_len=8") as caught:
+        outputs = translate(model, tokenizer, [LONG, "the cat .", LONG + " the mat"], beam_size=2)
+    assert len(caught) == 1 and len(outputs) == 3
+
+
+def test_translate_cli_reports_over_long_input_in_one_line(tmp_path, capsys):
+    tokenizer = tiny_tokenizer()
+    model = never_ends(vocab=tokenizer.vocab_size)
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict(),
+                "TranslationDataModule": {"tokenizer": tokenizer.to_str()}}, checkpoint)
+    source, target = tmp_path / "in.txt", tmp_path / "out.txt"
+    source.write_text(f"{LONG}\nthe cat .\n", encoding="utf-8")
+    translate_main([str(checkpoint), "--input", str(source), "--output", str(target)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "max_len" in line]
+    assert errors == ["warning: 1 of 2 sentences are longer than the model's max_len=8 tokens (EOS included) and "
+                      "were truncated to it; split them or use a model with a larger max_len."]
+    assert len(target.read_text(encoding="utf-8").splitlines()) == 2

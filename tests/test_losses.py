@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_transformer import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
 from lightning_transformer import losses
@@ -48,7 +49,7 @@ def test_label_smoothing_gradient_equals_explicit_distribution():
 
 
 def test_chunked_kernel_spans_chunks(monkeypatch):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 4 * 11)  # 4 rows a chunk
+    monkeypatch.setattr(losses, "chunk_elements", lambda device: 4 * 11)  # 4 rows a chunk
     logits, targets = make_batch(tokens=(5, 3))
     leaf = logits.clone().requires_grad_()
     LabelSmoothingLoss(11, 0.2)(leaf, targets).backward()
@@ -139,7 +140,7 @@ def make_states(tokens=(4, 6), width=8, vocab=11, seed=0):
 
 @pytest.mark.parametrize("chunk_rows", [3, 1000])
 def test_projected_loss_equals_projection_then_explicit_distribution(monkeypatch, chunk_rows):
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", chunk_rows * 11)
+    monkeypatch.setattr(losses, "chunk_elements", lambda device: chunk_rows * 11)
     states, weight, targets = make_states()
     leaves = states.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, nll = ProjectedLabelSmoothingLoss(11, 0.1)(*leaves, targets, return_nll=True)
@@ -191,3 +192,53 @@ def test_projected_loss_refuses_mismatched_projection_and_per_token_reduction():
         ProjectedLabelSmoothingLoss(12)(states, weight, targets)
     with pytest.raises(ValueError, match="reduction='mean' or 'sum'"):
         ProjectedLabelSmoothingLoss(11, reduction="none")
+
+
+class CountOps(TorchDispatchMode):
+    """Records every aten operator run inside it, with its tensor arguments' and its output's shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        shapes = [tuple(a.shape) for a in (*args, out) if isinstance(a, torch.Tensor)]
+        self.calls.append((func.overloadpacket.__name__, shapes))
+        return out
+
+    def matmuls(self, width=None):
+        """Output shape of each matrix product (of those touching a dimension ``width``, if given).
+
+        ``linear`` counts too: inference mode runs it undecomposed.
+        """
+        return [shapes[-1] for name, shapes in self.calls if name in ("mm", "addmm", "addmm_", "bmm", "linear")
+                and (width is None or any(width in shape for shape in shapes))]
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_projected_loss_without_grad_only_projects(mode):
+    states, weight, targets = make_states()
+    weight.requires_grad_()  # a parameter requires grad even where no gradient is wanted
+    with mode(), CountOps() as ops:
+        loss, nll = ProjectedLabelSmoothingLoss(11, 0.1)(states, weight, targets, return_nll=True)
+    assert ops.matmuls() == [(24, 11)]  # the projection, and no gradient product
+    with_grad = ProjectedLabelSmoothingLoss(11, 0.1)(states, weight, targets, return_nll=True)
+    assert loss.item() == with_grad[0].item() and nll.item() == with_grad[1].item()
+    logits = states.double() @ weight.double().T
+    assert loss.item() == pytest.approx(explicit_smoothed_loss(logits, targets, 0.1).item(), rel=1e-6)
+    assert nll.item() == pytest.approx(compute_loss(logits, targets).item(), rel=1e-6)
+
+
+def test_loss_operators_per_micro_batch_at_the_base_config():
+    # Base config: d_model 512, a 37k vocabulary, ~25k target tokens a micro-batch. Meta tensors
+    # run no arithmetic and get the accelerator policy, as CUDA does.
+    assert losses.chunk_elements(torch.device("meta")) == losses.chunk_elements(torch.device("cuda"))
+    assert losses.chunk_elements(torch.device("cuda")) * 4 <= 2**28  # a float32 scratch buffer: 256 MiB at most
+    states = torch.empty(25000, 512, device="meta", requires_grad=True)
+    weight = torch.empty(37000, 512, device="meta", requires_grad=True)
+    targets = torch.empty(25000, dtype=torch.long, device="meta")
+    with CountOps() as ops:
+        ProjectedLabelSmoothingLoss(37000, 0.1)(states, weight, targets).backward()
+    # Each operator is a kernel launch (~5-10 us) on a GPU; ~1000 of them cost a few ms a step.
+    assert len(ops.calls) < 1000
