@@ -8,21 +8,26 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, stored_tokenizer
 
 
 def average_checkpoints(paths: Sequence[str | Path]) -> dict:
     """The last checkpoint of ``paths`` with its ``state_dict`` replaced by the element-wise mean.
 
-    Floating-point tensors are averaged in float64 and cast back; other entries come from the last
-    checkpoint. All checkpoints must hold the same parameter names and shapes.
+    Floating-point tensors are averaged in float64 and cast back; other entries (the model class
+    among them) come from the last checkpoint. All checkpoints must hold the same parameter names
+    and shapes, hyperparameters, tokenizer and model class.
     """
     if not paths:
         raise ValueError("no checkpoints to average; pass at least one .ckpt file.")
     total: dict[str, torch.Tensor] = {}
     checkpoint: dict = {}
-    for path in paths:
+    for i, path in enumerate(paths):
         checkpoint = load_checkpoint(path)
+        if i == 0:
+            first = _identity(checkpoint)
+        else:
+            _check_same_model(first, _identity(checkpoint), paths[0], path)
         state = checkpoint["state_dict"]
         if total and state.keys() != total.keys():
             raise ValueError(f"{path} holds other parameters than {paths[0]}; average checkpoints of one run only.")
@@ -39,6 +44,35 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict:
     }
     checkpoint["averaged_from"] = [str(p) for p in paths]
     return checkpoint
+
+
+def _identity(checkpoint: dict) -> dict:
+    """What must agree for a mean of weights to be one model."""
+    return {"hyper_parameters": checkpoint.get("hyper_parameters", {}), "tokenizer": stored_tokenizer(checkpoint),
+            "model_class": checkpoint.get("model_class")}
+
+
+def _check_same_model(first: dict, other: dict, first_path: str | Path, path: str | Path) -> None:
+    hparams, other_hparams = first["hyper_parameters"], other["hyper_parameters"]
+    differences = [
+        f"{name} ({_value(hparams, name)} in {first_path} vs {_value(other_hparams, name)} in {path})"
+        for name in sorted(hparams.keys() | other_hparams.keys())
+        if name not in hparams or name not in other_hparams or hparams[name] != other_hparams[name]
+    ]
+    if differences:
+        raise ValueError(f"{path} was saved with other hyperparameters than {first_path}: "
+                         f"{', '.join(differences)}; average checkpoints of one run only.")
+    if other["tokenizer"] != first["tokenizer"]:
+        raise ValueError(f"{path} holds another tokenizer than {first_path}, so the same token ids would stand for "
+                         "other text; average checkpoints of one run only.")
+    # Checkpoints from before the class was recorded lack it; their hyperparameters were compared above.
+    if None not in (first["model_class"], other["model_class"]) and other["model_class"] != first["model_class"]:
+        raise ValueError(f"{path} was saved by {other['model_class']}, {first_path} by {first['model_class']}; "
+                         "average checkpoints of one run only.")
+
+
+def _value(hparams: dict, name: str) -> str:
+    return repr(hparams[name]) if name in hparams else "unset"
 
 
 def last_checkpoints(folder: str | Path, n: int) -> list[Path]:

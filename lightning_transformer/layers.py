@@ -1,7 +1,8 @@
 """Building blocks of the encoder-decoder: attention, feed-forward, positions, layers.
 
 Tensor shapes: ``B`` batch, ``S`` source length, ``T`` target length, ``D`` model width,
-``H`` heads. Masks are boolean with ``True`` = may attend (see :mod:`lightning_transformer.masks`).
+``H`` heads. Masks are boolean with ``True`` = may attend (see :mod:`lightning_transformer.masks`),
+or float and added to the scores, ``-inf`` where masked (the ``nn.Transformer`` convention).
 """
 
 from __future__ import annotations
@@ -24,15 +25,26 @@ def use_matmul_attention(q: Tensor, keys: int) -> bool:
     return q.device.type == "cpu" and low_precision and torch.is_grad_enabled() and keys <= _MATMUL_ATTENTION_MAX_KEYS
 
 
+def _split_mask(mask: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A bool or float additive mask as ``(may_attend, finite float bias or None)``."""
+    if mask.dtype == torch.bool:
+        return mask, None
+    may_attend = mask != -math.inf
+    return may_attend, mask.float().masked_fill(~may_attend, 0.0)
+
+
 def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float = 0.0) -> Tensor:
     """``softmax(q k^T / sqrt(d), masked) v`` with the scores and softmax in float32.
 
-    Shapes ``(B, H, T, d)``, ``(B, H, S, d)``, ``(B, H, S, d)``; ``mask`` bool, True = may attend,
-    broadcastable to ``(B, H, T, S)``. Masked scores are filled in float32 with its most negative
-    finite value, so no dtype overflows; a query with no key to attend gets zeros, as from SDPA.
+    Shapes ``(B, H, T, d)``, ``(B, H, S, d)``, ``(B, H, S, d)``; ``mask`` broadcastable to
+    ``(B, H, T, S)``, bool (True = may attend) or float (added; ``-inf`` = masked). Masked scores
+    are filled in float32 with its most negative finite value, so no dtype overflows; a query with
+    no key to attend gets zeros, as from SDPA.
     """
     scores = (q @ k.transpose(-2, -1)).float().mul_(q.size(-1) ** -0.5)
     if mask is not None:
+        mask, bias = _split_mask(mask)
+        scores = scores if bias is None else scores + bias
         scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
     weights = F.dropout(torch.softmax(scores, dim=-1), dropout_p, training=dropout_p > 0)
     out = weights.to(v.dtype) @ v
@@ -99,7 +111,7 @@ class MultiHeadAttention(nn.Module):
                 cache: dict[str, Tensor] | None = None) -> Tensor:
         """Args:
             x: queries (and, for self-attention, keys/values) ``(B, T, D)``.
-            mask: bool, broadcastable to ``(B, H, T, S)``.
+            mask: broadcastable to ``(B, H, T, S)``: bool, or float added to the scores.
             memory: encoder output ``(B', S, D)``; required iff ``cross``. ``B'`` may divide ``B``:
                 then ``B / B'`` consecutive query rows share each memory row (beam search).
             cache: incremental decoding state, updated in place: self-attention appends this
@@ -150,6 +162,8 @@ class MultiHeadAttention(nn.Module):
         scores = (q @ k.transpose(-2, -1)).float() * self.head_dim**-0.5
         if mask is None:
             return scores.softmax(-1)
+        mask, bias = _split_mask(mask)
+        scores = scores if bias is None else scores + bias
         weights = scores.masked_fill(~mask, -math.inf).softmax(-1)
         return weights.nan_to_num(0.0)
 

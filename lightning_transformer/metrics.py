@@ -25,9 +25,10 @@ class TranslationMetrics(Callback):
     """Translate the evaluation split with beam search and log corpus sacreBLEU and chrF.
 
     Hypotheses are detokenised with the data module's tokenizer and scored against the split's
-    raw reference text over the whole split (not averaged per batch). Under DDP every rank's
-    ``(index, hypothesis)`` pairs are gathered and de-duplicated by index, so each sentence counts
-    exactly once. The data module must provide ``tokenizer`` and ``references(split)``, and its
+    raw reference text over the whole split (not averaged per batch); with an NFKC tokenizer the
+    references are NFKC-normalised too, and the printed signature ends in ``|refs:nfkc``. Under
+    DDP every rank's ``(index, hypothesis)`` pairs are gathered and de-duplicated by index, so each
+    sentence counts exactly once. The data module must provide ``tokenizer`` and ``references(split)``, and its
     evaluation batches an ``index`` tensor of positions in the split.
 
     Args:
@@ -77,9 +78,11 @@ class TranslationMetrics(Callback):
             return
         outputs, self._outputs = gather_unique(self._outputs), {}
         references = trainer.datamodule.references(split)
+        # A normalising tokenizer can only give back normalised text, so references are compared in that form.
+        normalize = trainer.datamodule.tokenizer.normalize
         order = sorted(outputs)
         hypotheses = [outputs[i] for i in order]
-        refs = [[references[i] for i in order]]
+        refs = [[normalize(references[i]) for i in order]]
         bleu = sacrebleu.BLEU()
         chrf = sacrebleu.CHRF()
         bleu_score, chrf_score = bleu.corpus_score(hypotheses, refs), chrf.corpus_score(hypotheses, refs)
@@ -92,7 +95,10 @@ class TranslationMetrics(Callback):
             prog_bar=True,
         )
         if self.log_signature:
-            rank_zero_info(f"{stage}: {bleu_score.format()} ({len(order)} sentences) | {bleu.get_signature()}")
+            # Scores against normalised references are not comparable with raw-reference ones: say so.
+            normalization = trainer.datamodule.tokenizer.normalization
+            signature = f"{bleu.get_signature()}" + (f"|refs:{normalization}" if normalization != "none" else "")
+            rank_zero_info(f"{stage}: {bleu_score.format()} ({len(order)} sentences) | {signature}")
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._collect(trainer, pl_module, batch)

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
@@ -178,7 +179,7 @@ class Seq2SeqTransformer(LightningModule):
         src_mask, tgt_mask = self.make_masks(src, tgt_input)
         states = self.decode_states(tgt_input, self.encode(src, src_mask), tgt_mask, src_mask)
         loss = self.compute_loss(states, tgt_output)
-        self._batch_tokens = (tgt_output != self.pad_token_id).sum()  # read after the step: no sync here
+        self._batch_tokens = (tgt_output != self.pad_token_id).sum()  # for the throughput log
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self.log("train/loss", loss, prog_bar=True, batch_size=src.size(0))
         self.log("train/lr", lr, batch_size=src.size(0))
@@ -196,8 +197,11 @@ class Seq2SeqTransformer(LightningModule):
         return mean_loss * tokens * self.trainer.accumulate_grad_batches * self.trainer.world_size
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        step_tokens = self.trainer.strategy.reduce(torch.as_tensor(self._step_tokens, device=self.device),
-                                                   reduce_op="sum")
+        step_tokens = torch.as_tensor(self._step_tokens, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            # Not strategy.reduce, which waits at a barrier first; the sum stays on the device, so
+            # nothing here waits for the GPU either.
+            dist.all_reduce(step_tokens)
         self._step_tokens = 0
         scale = 1.0 / step_tokens.clamp(min=1)
         for parameter in self.parameters():
@@ -229,25 +233,31 @@ class Seq2SeqTransformer(LightningModule):
         hp = self.hparams
         alpha = hp.length_penalty if length_penalty is None else length_penalty
         return beam_search(self, src, beam_size or hp.beam_size, hp.max_decode_len_a, hp.max_decode_len_b,
-                           self.pad_token_id, hp.bos_token_id, hp.eos_token_id, alpha)
+                           self.pad_token_id, hp.bos_token_id, hp.eos_token_id, alpha, max_positions=hp.max_len)
 
     # ----- throughput and resuming ------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self._batch_start = time.perf_counter()
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        tokens = int(self._batch_tokens)  # the step has run: this sync stalls nothing
-        if tokens == 0:
+        # Checked at each epoch's first batch only: on a GPU, reading the count waits for the step.
+        if batch_idx == 0 and int(self._batch_tokens) == 0:
             raise ValueError(
                 "every target token of this training batch is padding, so there is nothing to learn from; check "
-                f"that the data's padding id equals model.pad_token_id={self.pad_token_id} and that targets are not empty."
+                f"that the data's padding id equals model.pad_token_id={self.pad_token_id} and that targets are "
+                "not empty."
             )
-        # Forward, backward and the optimizer step; data loading is not counted.
+        # Forward, backward and the optimizer step; data loading is not counted. The token count stays
+        # a device tensor: the logger reads it only every log_every_n_steps.
         elapsed = time.perf_counter() - self._batch_start
-        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), batch_size=1)
+        self.log("train/tokens_per_sec", self._batch_tokens / max(elapsed, 1e-9), batch_size=1)
 
     def configure_callbacks(self) -> list[Callback]:
         return [ResumeRandomState()]
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # translate and average rebuild the class that trained, not the base class.
+        checkpoint["model_class"] = f"{type(self).__module__}.{type(self).__qualname__}"
 
     # ----- optimisation -----------------------------------------------------------------------
     def configure_optimizers(self):
@@ -285,9 +295,15 @@ class Seq2SeqTransformer(LightningModule):
         states = self.decode_states(tgt_input, self.encode(src, src_mask), tgt_mask, src_mask)
         # A filler batch runs only so that this rank keeps step with the others: it weighs nothing.
         tokens = 0 if is_filler(batch) else (tgt_output != self.pad_token_id).sum()
+        hooks = type(self).compute_loss, type(self).compute_nll
+        if hooks == (Seq2SeqTransformer.compute_loss, Seq2SeqTransformer.compute_nll):
+            # Both hooks are the fused loss: one pass over the vocabulary gives both values.
+            loss, nll = self.criterion(states, self.transformer.generator.weight, tgt_output, return_nll=True)
+        else:  # an override decides its value
+            loss, nll = self.compute_loss(states, tgt_output), self.compute_nll(states, tgt_output)
         # Token-weighted means, synced across processes by torchmetrics: a corpus-level value.
-        self.eval_loss.update(self.compute_loss(states, tgt_output), weight=tokens)
-        self.eval_nll.update(self.compute_nll(states, tgt_output), weight=tokens)
+        self.eval_loss.update(loss, weight=tokens)
+        self.eval_nll.update(nll, weight=tokens)
 
     def _log_evaluation(self, stage: str) -> None:
         loss, nll = self.eval_loss.compute(), self.eval_nll.compute()

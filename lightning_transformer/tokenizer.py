@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -12,14 +13,19 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Ids are fixed so that masks, losses and checkpoints never depend on training order.
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
+# Ids 4-259: one token per byte, so a character missing from the vocabulary is spelled as its UTF-8 bytes.
+BYTE_TOKENS = tuple(f"<0x{byte:02X}>" for byte in range(256))
+NORMALIZATIONS = ("none", "nfkc")
 
 
 class Tokenizer:
     """Byte-pair encoding shared by both languages, stored as JSON only.
 
-    Text is NFKC-normalised and split on spaces with the Metaspace scheme, so
-    ``decode(encode(text))`` gives back the normalised text, which is what
-    sacreBLEU must score. Ids 0-3 are always ``<pad>``, ``<s>``, ``</s>``, ``<unk>``.
+    Lossless by default: ``decode(encode(text)) == text`` for any text, including characters never
+    seen in training (spelled as UTF-8 byte tokens) and every space, so hypotheses can be scored
+    against raw references. ``normalization="nfkc"`` folds compatibility forms (full-width
+    punctuation, ligatures, superscripts) before encoding; then ``decode(encode(text))`` equals
+    ``normalize(text)``. Ids 0-3 are always ``<pad>``, ``<s>``, ``</s>``, ``<unk>``.
 
     Args:
         hf_tokenizer: a trained ``tokenizers.Tokenizer`` with the special tokens at ids 0-3.
@@ -34,40 +40,49 @@ class Tokenizer:
                     "Train it with lightning_transformer.tokenizer.Tokenizer.train so special ids are fixed."
                 )
         self._tokenizer = hf_tokenizer
+        # The normalizer's JSON; tokenizers saved before normalization became an option hold NFKC alone.
+        normalizer = hf_tokenizer.normalizer.__getstate__() if hf_tokenizer.normalizer is not None else b""
+        self.normalization = "nfkc" if b'"NFKC"' in normalizer else "none"
 
     @classmethod
     def train(
-        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None
+        cls, texts: Iterable[str], vocab_size: int, min_frequency: int = 2, length: int | None = None,
+        normalization: str = "none",
     ) -> Tokenizer:
         """Learn a BPE vocabulary from raw sentences.
 
         Args:
             texts: sentences of both languages (one string each).
-            vocab_size: largest vocabulary, special tokens included; the result
+            vocab_size: largest vocabulary, special and 256 byte tokens included; the result
                 may be smaller when the text has fewer distinct merges.
             min_frequency: pairs seen fewer times are never merged.
             length: number of sentences, only used for progress reporting.
+            normalization: ``"none"`` (lossless) or ``"nfkc"`` (Unicode compatibility folding).
 
         Returns:
             The trained tokenizer.
         """
-        if vocab_size <= len(SPECIAL_TOKENS):
+        if normalization not in NORMALIZATIONS:
             raise ValueError(
-                f"vocab_size={vocab_size} leaves no room for text tokens after the {len(SPECIAL_TOKENS)} "
-                "special tokens. Use a vocab_size of a few hundred or more."
+                f"normalization={normalization!r} is not supported; use 'none' (lossless, the default) or 'nfkc'."
             )
-        hf_tokenizer = _HFTokenizer(models.BPE(unk_token=UNK))
-        hf_tokenizer.normalizer = normalizers.NFKC()
-        hf_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
-        hf_tokenizer.decoder = decoders.Metaspace()
+        reserved = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)
+        if vocab_size <= reserved:
+            raise ValueError(
+                f"vocab_size={vocab_size} leaves no room for text tokens after the {len(SPECIAL_TOKENS)} special "
+                f"and {len(BYTE_TOKENS)} byte tokens. Use a vocab_size of {reserved + 256} or more (8000 or more for real corpora)."
+            )
+        hf_tokenizer = _pipeline(_HFTokenizer(models.BPE(unk_token=UNK)), normalization)
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
+            vocab_size=vocab_size - len(BYTE_TOKENS),
             min_frequency=min_frequency,
             special_tokens=list(SPECIAL_TOKENS),
+            # Rarer characters than fit the budget are left to the byte tokens.
+            limit_alphabet=vocab_size - reserved,
             show_progress=False,
         )
         hf_tokenizer.train_from_iterator(_non_empty(texts), trainer=trainer, length=length)
-        return cls(hf_tokenizer)
+        return cls(_with_byte_fallback(hf_tokenizer, normalization))
 
     @property
     def vocab_size(self) -> int:
@@ -89,6 +104,10 @@ class Tokenizer:
     @property
     def unk_id(self) -> int:
         return UNK_ID
+
+    def normalize(self, text: str) -> str:
+        """``text`` as ``decode(encode(text))`` gives it back: itself, or its NFKC form."""
+        return normalizers.NFKC().normalize_str(text) if self.normalization == "nfkc" else text
 
     def encode(self, text: str) -> list[int]:
         """Return the ids of ``text`` without ``<s>`` or ``</s>``."""
@@ -161,6 +180,33 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size})"
+
+
+def _pipeline(hf_tokenizer: _HFTokenizer, normalization: str) -> _HFTokenizer:
+    """Set how text is split into words and joined back, losslessly apart from ``normalization``.
+
+    Words keep their leading plain space as a character, instead of Metaspace's ``▁`` (which would
+    turn a literal ``▁`` into a space, and drops leading spaces); one space is prepended so a
+    sentence's first word is tokenised like any other, and stripped again by the decoder.
+    """
+    prepend = normalizers.Prepend(" ")
+    nfkc = normalization == "nfkc"
+    hf_tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), prepend]) if nfkc else prepend
+    hf_tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_next")
+    hf_tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return hf_tokenizer
+
+
+def _with_byte_fallback(trained: _HFTokenizer, normalization: str) -> _HFTokenizer:
+    """``trained`` with the byte tokens at ids 4-259 and its own tokens after them."""
+    model = json.loads(trained.to_str())["model"]
+    # A learned token spelled like a byte token would decode as that byte, so it is left out.
+    learned = [t for t in sorted(model["vocab"], key=model["vocab"].get) if t not in {*SPECIAL_TOKENS, *BYTE_TOKENS}]
+    vocab = {token: i for i, token in enumerate((*SPECIAL_TOKENS, *BYTE_TOKENS, *learned))}
+    merges = [(a, b) for a, b in model["merges"] if a in vocab and b in vocab and a + b in vocab]
+    hf_tokenizer = _HFTokenizer(models.BPE(vocab, merges, unk_token=UNK, byte_fallback=True))
+    hf_tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    return _pipeline(hf_tokenizer, normalization)
 
 
 def _non_empty(texts: Iterable[str]) -> Iterator[str]:

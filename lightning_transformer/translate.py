@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_checkpoint, stored_tokenizer
 from .metrics import gather_unique
 from .model import Seq2SeqTransformer
 from .tokenizer import Tokenizer
@@ -21,21 +23,48 @@ from .tokenizer import Tokenizer
 
 def tokenizer_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> Tokenizer:
     """The tokenizer the data module stored in the checkpoint (as JSON)."""
-    for value in checkpoint.values():
-        if isinstance(value, dict) and isinstance(value.get("tokenizer"), str):
-            return Tokenizer.from_str(value["tokenizer"])
-    raise ValueError(
-        f"{path} holds no tokenizer; it was not trained with TranslationDataModule. Translate with a checkpoint "
-        "from `lightning-transformer fit`."
-    )
+    json_text = stored_tokenizer(checkpoint)
+    if json_text is None:
+        raise ValueError(
+            f"{path} holds no tokenizer; it was not trained with TranslationDataModule. Translate with a checkpoint "
+            "from `lightning-transformer fit`."
+        )
+    return Tokenizer.from_str(json_text)
+
+
+def _model_class(checkpoint: dict, path: str | Path = "the checkpoint") -> type[Seq2SeqTransformer]:
+    """The class that saved ``checkpoint``: as recorded at save time, else as the CLI named it, else the base class."""
+    name = checkpoint.get("model_class") or checkpoint.get("hyper_parameters", {}).get("_class_path")
+    if name is None:
+        return Seq2SeqTransformer
+    module_name, _, class_name = name.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(
+            f"{path} was saved by model class {name}, which cannot be imported ({error}); install the package that "
+            "defines it, or put its folder on PYTHONPATH."
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Seq2SeqTransformer)):
+        raise ValueError(f"{path} names model class {name}, which is not a Seq2SeqTransformer subclass; "
+                         "translate only loads translation models saved by `lightning-transformer fit`.")
+    return cls
 
 
 def load_translator(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Seq2SeqTransformer, Tokenizer]:
-    """Model (in eval mode) and tokenizer from one checkpoint."""
+    """Model (in eval mode) and tokenizer from one checkpoint, the model rebuilt as the class that saved it."""
     checkpoint = load_checkpoint(path, map_location)
-    accepted = inspect.signature(Seq2SeqTransformer.__init__).parameters
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if k in accepted}
-    model = Seq2SeqTransformer(**hparams)
+    cls = _model_class(checkpoint, path)
+    # Keys with a leading underscore are the CLI's bookkeeping (_class_path, _instantiator), not arguments.
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    parameters = inspect.signature(cls.__init__).parameters
+    unknown = sorted(hparams.keys() - parameters.keys())
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        raise ValueError(
+            f"{path} holds hyperparameters {unknown} that {cls.__qualname__} does not take, so it was saved by another "
+            "class or version; translate it with the code that trained it."
+        )
+    model = cls(**hparams)
     model.load_state_dict(checkpoint["state_dict"])
     tokenizer = tokenizer_from_checkpoint(checkpoint, path)
     if tokenizer.vocab_size > model.tgt_vocab_size:
@@ -48,9 +77,18 @@ def load_translator(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequence[str], beam_size: int | None = None,
               batch_size: int = 64, progress: bool = False, length_penalty: float | None = None) -> list[str]:
-    """Translate ``sentences`` with beam search, batched by length; returns them in input order."""
+    """Translate ``sentences`` with beam search, batched by length; returns them in input order.
+
+    A sentence longer than the model's ``max_len`` (EOS included) is cut to it, with one warning for all.
+    """
     max_len = model.hparams.max_len
-    encoded = [ids[: max_len - 1] + [tokenizer.eos_id] for ids in tokenizer.encode_batch(list(sentences))]
+    encoded = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(list(sentences))]
+    too_long = sum(len(ids) > max_len for ids in encoded)
+    if too_long:
+        warnings.warn(f"{too_long} of {len(encoded)} sentences are longer than the model's max_len={max_len} tokens "
+                      "(EOS included) and were truncated to it; split them or use a model with a larger max_len.",
+                      stacklevel=2)
+        encoded = [ids if len(ids) <= max_len else ids[: max_len - 1] + [tokenizer.eos_id] for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     with tqdm(total=len(encoded), disable=not progress, unit="sent", file=sys.stderr) as bar:
@@ -120,8 +158,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     output_path = None if args.output == "-" else Path(args.output)
     if output_path is not None and output_path.exists():
         raise SystemExit(f"error: {output_path} exists; choose another --output, translations never overwrite a file.")
-    translations = translate(model, tokenizer, sentences, args.beam_size, args.batch_size, progress=True,
-                             length_penalty=args.length_penalty)
+    with warnings.catch_warnings():
+        # One plain line (e.g. over-long input), not the source excerpt Python shows by default.
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
+        translations = translate(model, tokenizer, sentences, args.beam_size, args.batch_size, progress=True,
+                                 length_penalty=args.length_penalty)
     text = "".join(line + "\n" for line in translations)
     if output_path is None:
         sys.stdout.write(text)

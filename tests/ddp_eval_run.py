@@ -19,7 +19,7 @@ from lightning_transformer.metrics import TranslationMetrics
 from lightning_transformer.sampler import TokenBudgetBatchSampler, collate
 from lightning_transformer.translate import TranslationWriter
 
-VOCAB, MAX_TOKENS = 300, 150
+VOCAB, MAX_TOKENS = 556, 150
 MODEL = dict(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=32, nhead=4, num_encoder_layers=1,
              num_decoder_layers=1, dim_feedforward=64, dropout=0.0, share_embeddings=True, scheduler="cosine",
              lr=3e-3, warmup_steps=2, beam_size=2, max_decode_len_a=1.0, max_decode_len_b=5)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lightning_transformer.averaging import average_checkpoints, last_checkpoints
+from lightning_transformer.tokenizer import Tokenizer
 
 
 def step_checkpoints(root):
@@ -48,3 +49,38 @@ def test_mismatched_checkpoints_are_refused(small_run, tmp_path):
     torch.save(other, tmp_path / "other.ckpt")
     with pytest.raises(ValueError, match="other parameters"):
         average_checkpoints([path, tmp_path / "other.ckpt"])
+
+
+def edited_copy(path, tmp_path, name, edit):
+    checkpoint = torch.load(path, weights_only=True)
+    edit(checkpoint)
+    torch.save(checkpoint, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(nhead=2), r"nhead \(4 in .* vs 2 in .*\)"),
+    (dict(norm_first=True, dropout=0.3), r"dropout \(0\.0 in .* vs 0\.3 in .*\), norm_first \(False"),
+])
+def test_checkpoints_of_other_hyperparameters_are_refused(small_run, tmp_path, change, message):
+    """Same parameter names and shapes, another architecture: the mean would be meaningless."""
+    path = step_checkpoints(small_run[0])[-1]
+    other = edited_copy(path, tmp_path, "other.ckpt", lambda c: c["hyper_parameters"].update(change))
+    with pytest.raises(ValueError, match=f"other hyperparameters than .*: {message}.*one run only"):
+        average_checkpoints([path, other])
+
+
+def test_checkpoints_with_another_tokenizer_are_refused(small_run, tmp_path):
+    path = step_checkpoints(small_run[0])[-1]
+    tokenizer = Tokenizer.train(["Another corpus, another vocabulary."] * 10, vocab_size=300)
+    other = edited_copy(path, tmp_path, "other.ckpt",
+                        lambda c: c["TranslationDataModule"].update(tokenizer=tokenizer.to_str()))
+    with pytest.raises(ValueError, match="another tokenizer than .*same token ids"):
+        average_checkpoints([path, other])
+
+
+def test_checkpoints_of_another_model_class_are_refused(small_run, tmp_path):
+    path = step_checkpoints(small_run[0])[-1]
+    other = edited_copy(path, tmp_path, "other.ckpt", lambda c: c.update(model_class="somewhere.Else"))
+    with pytest.raises(ValueError, match=r"saved by somewhere\.Else, .* by lightning_transformer\.model\.Seq2Seq"):
+        average_checkpoints([path, other])

@@ -5,10 +5,12 @@ import os
 import pickle
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec.implementations.local
 import pytest
@@ -21,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.averaging import average_checkpoints
-from lightning_transformer.checkpoint import UnsafeCheckpointError, load_checkpoint
+from lightning_transformer.checkpoint import ResumeRandomState, UnsafeCheckpointError, load_checkpoint
 from lightning_transformer.cli import main
 from lightning_transformer.tokenizer import Tokenizer
 from lightning_transformer.translate import load_translator
@@ -118,8 +120,9 @@ class Record(Callback):
 
 def fit_small(corpus, root, max_steps, ckpt_path=None, every_n_steps=None):
     seed_everything(0)
-    model = Seq2SeqTransformer(src_vocab_size=300, tgt_vocab_size=300, **{**TINY_MODEL, "dropout": 0.1})
     data = small_data_module(corpus, root.parent / "cache")
+    model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size,
+                               **{**TINY_MODEL, "dropout": 0.1})
     record = Record()
     callbacks = [record]
     if every_n_steps:
@@ -249,3 +252,34 @@ def test_runs_killed_with_sigkill_resume_from_their_last_checkpoint(small_corpus
         resume_from = last
     logged = _fit(config, tmp_path, 3, resume_from, None)
     assert logged[0] <= resumed_at + 1 and load_checkpoint(last, mmap=True)["global_step"] == MAX_STEPS
+
+
+# ----- per-rank random state under DDP -------------------------------------------------------------
+def test_every_ddp_rank_resumes_with_its_own_random_state(tmp_path):
+    """Only rank 0 writes the checkpoint, yet each of 2 gloo ranks gets its own state back."""
+    script = Path(__file__).with_name("ddp_resume_run.py")
+    for phase in ("save", "resume"):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, str(script), "--phase", phase, "--output", str(tmp_path)],
+                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    saved, resumed = ([torch.load(tmp_path / f"rank{rank}-{phase}.pt") for rank in (0, 1)]
+                      for phase in ("save", "resume"))
+    assert not torch.equal(saved[0], saved[1])
+    assert torch.equal(resumed[0], saved[0]) and torch.equal(resumed[1], saved[1])
+
+
+def test_resuming_on_another_number_of_processes_warns_and_keeps_each_ranks_own_state():
+    states = [{"torch": torch.manual_seed(seed).get_state()} for seed in (0, 1)]
+    for rank, world_size, expected in ((1, 4, states[1]), (3, 4, None), (0, 1, states[0])):
+        callback = ResumeRandomState()
+        callback.on_load_checkpoint(None, None, {"rng_states": states})
+        trainer = SimpleNamespace(global_rank=rank, world_size=world_size)
+        torch.manual_seed(99)
+        before = torch.get_rng_state()
+        with pytest.warns(UserWarning, match=f"random states of 2 processes, but this run has {world_size}"):
+            callback.on_train_batch_start(trainer, None, None, 0)
+        assert torch.equal(torch.get_rng_state(), before if expected is None else expected["torch"])

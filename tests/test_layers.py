@@ -178,3 +178,52 @@ def test_cross_attention_with_grouped_memory_equals_repeated_memory():
     grouped = attn(x, create_padding_mask(src), memory=memory)
     repeated = attn(x, create_padding_mask(src).repeat_interleave(3, 0), memory=memory.repeat_interleave(3, 0))
     assert torch.allclose(grouped, repeated, atol=1e-6)
+
+
+def additive(mask):
+    """The ``nn.Transformer`` form of a bool mask: 0 where attending, -inf where masked."""
+    return torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_a_float_additive_mask_equals_the_bool_mask_in_cpu_bf16_training(batch, cross):
+    tokens, x = batch
+    memory = torch.randn(3, 6, 16) if cross else None
+    mask = create_padding_mask(tokens) if cross else create_combined_mask(tokens)  # with a fully masked row
+    attn = MultiHeadAttention(16, 4, cross=cross).train()
+    results = []
+    for attn_mask in (mask, additive(mask)):
+        attn.zero_grad()
+        inputs = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert use_matmul_attention(torch.zeros(1, dtype=torch.bfloat16), 6)  # the path that crashed
+            out = attn(inputs, attn_mask, memory=memory)
+        out.float().sum().backward()
+        results.append((out, inputs.grad, [p.grad.clone() for p in attn.parameters()]))
+    (out, grad, grads), (float_out, float_grad, float_grads) = results
+    assert torch.isfinite(float_out).all() and torch.equal(float_out, out)
+    assert torch.equal(float_grad, grad) and all(torch.equal(a, b) for a, b in zip(float_grads, grads))
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+def test_a_float_additive_mask_equals_the_bool_mask_on_sdpa_and_in_attention_weights(batch, cross):
+    tokens, x = batch
+    memory = torch.randn(3, 6, 16) if cross else None
+    mask = create_padding_mask(tokens) if cross else create_combined_mask(tokens)
+    attn = MultiHeadAttention(16, 4, cross=cross).eval()
+    weights = attn.attention_weights(x, additive(mask), memory)
+    assert torch.equal(weights, attn.attention_weights(x, mask, memory))
+    for dtype in (torch.float32, torch.bfloat16):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            expected, out = attn(x, mask, memory=memory), attn(x, additive(mask), memory=memory)
+        assert torch.allclose(out.float(), expected.float(), atol=1e-6), dtype  # fully masked rows give zeros too
+
+
+def test_matmul_attention_adds_finite_values_of_a_float_mask():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 4, 8) for _ in range(3))
+    bias = torch.randn(2, 1, 4, 4)
+    bias[0, 0, 1] = float("-inf")  # a query with no key
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double())
+    expected[0, :, 1] = 0.0
+    assert torch.allclose(matmul_attention(q, k, v, bias).double(), expected, atol=1e-5)

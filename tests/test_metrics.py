@@ -1,14 +1,17 @@
 import copy
+import logging
 from types import SimpleNamespace
 
 import pytest
 import sacrebleu
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from lightning_transformer import metrics
 from lightning_transformer.data import TranslationDataModule
 from lightning_transformer.metrics import TranslationMetrics
+from lightning_transformer.tokenizer import Tokenizer
 
 
 def evaluate(model, data, callback, **kwargs):
@@ -48,8 +51,8 @@ def test_fit_decodes_only_every_nth_validation(small_run, tmp_path):
 def test_two_ranks_score_every_sentence_exactly_once(small_run, monkeypatch):
     """Each simulated rank decodes its own shard; the gathered corpus holds every index once."""
     root, model, small_data = small_run
-    data = TranslationDataModule(small_data.hparams.dataset, format="tsv", vocab_size=300, max_tokens=128,
-                                 max_length=64, cache_dir=str(root / "cache"))
+    data = TranslationDataModule(small_data.hparams.dataset, format="tsv", vocab_size=small_data.vocab_size,
+                                 max_tokens=128, max_length=64, cache_dir=str(root / "cache"))
     data.setup("validate")
     shards = []
     for rank in (0, 1):
@@ -77,3 +80,44 @@ class _Trainer:
 
     def __init__(self, datamodule):
         self.datamodule = datamodule
+
+
+# References as zh/ja and many other corpora hold them: full-width punctuation, ellipses,
+# superscripts, ligatures, the ideographic space, and a character the tokenizer never saw.
+UNUSUAL_REFERENCES = ["你好，世界！", "本当に？\u3000はい……", "E = mc², la ﬁn.", "Ｆｕｌｌ ｗｉｄｔｈ！", "Café 🎉"]
+
+
+@pytest.mark.parametrize("normalization", ["none", "nfkc"])
+def test_a_perfect_system_scores_100_on_references_nfkc_would_change(normalization, caplog):
+    """Hypotheses are the references through encode and decode, scored as validation scores them."""
+    train_text = [ref.replace("🎉", "") for ref in UNUSUAL_REFERENCES] * 20  # the emoji stays unseen
+    tokenizer = Tokenizer.train(train_text, vocab_size=400, normalization=normalization)
+    data = SimpleNamespace(tokenizer=tokenizer, references=lambda split: UNUSUAL_REFERENCES)
+    trainer = SimpleNamespace(datamodule=data, sanity_checking=False, state=SimpleNamespace(fn=TrainerFn.VALIDATING))
+    encoded = [tokenizer.encode(ref) for ref in UNUSUAL_REFERENCES]
+    module = _PerfectSystem(encoded)
+    callback = TranslationMetrics(beam_size=1)
+    with caplog.at_level(logging.INFO):
+        callback._collect(trainer, module, {"src": torch.arange(5)[:, None], "index": torch.arange(5)})
+        callback._score(trainer, module, "validation", "val")
+    assert callback.last_scores["bleu"] == pytest.approx(100.0)
+    assert callback.last_scores["chrf"] == pytest.approx(100.0)
+    assert module.logged["val/bleu"].item() == pytest.approx(100.0)
+    signature = next(record.getMessage() for record in caplog.records if "nrefs:1" in record.getMessage())
+    # Normalised references make scores incomparable with raw-reference ones: the signature says so.
+    assert ("refs:nfkc" in signature) == (normalization == "nfkc")
+
+
+class _PerfectSystem:
+    """A module whose "translation" of source ``[i]`` is reference ``i``'s token ids."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, encoded):
+        self.encoded, self.logged = encoded, {}
+
+    def translate_ids(self, src, *args):
+        return [[SimpleNamespace(tokens=self.encoded[i])] for i in src[:, 0].tolist()]
+
+    def log_dict(self, values, **kwargs):
+        self.logged.update(values)

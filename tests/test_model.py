@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 from copy_task import CopyTaskDataModule
+from test_losses import CountOps
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
@@ -317,3 +318,76 @@ def test_loss_and_gradients_stay_finite_under_every_precision(dtype, shape):
         for name, parameter in model.named_parameters():
             assert torch.isfinite(parameter.grad).all(), name
     assert losses[1] == pytest.approx(losses[0], rel=2e-2)  # the 16-bit loss is the fp32 loss, not just finite
+
+
+def _eval_batch(vocab):
+    generator = torch.Generator().manual_seed(0)
+    src = torch.randint(3, vocab, (3, 7), generator=generator)
+    tgt = torch.randint(3, vocab, (3, 6), generator=generator)
+    src[1, 4:], tgt[:, 0], tgt[0, 4:] = 0, 1, 0
+    return src, tgt
+
+
+def _two_pass_values(model, src, tgt):
+    tgt_input, tgt_output = model.shift_targets(tgt)
+    src_mask, tgt_mask = model.make_masks(src, tgt_input)
+    states = model.decode_states(tgt_input, model.encode(src, src_mask), tgt_mask, src_mask)
+    return states, tgt_output, model.compute_loss(states, tgt_output), model.compute_nll(states, tgt_output)
+
+
+def test_evaluation_projects_once_and_keeps_the_two_pass_values():
+    torch.manual_seed(0)
+    model = tiny_model(src_vocab_size=37, tgt_vocab_size=37).eval()  # 37: no other width of the model
+    src, tgt = _eval_batch(37)
+    with torch.inference_mode(), CountOps() as ops:  # as Lightning's evaluation loops run it
+        model._evaluate((src, tgt))
+    assert ops.matmuls(width=37) == [(15, 37)]  # the projection only: no gradient products
+    states, tgt_output, loss, nll = _two_pass_values(model, src, tgt)
+    assert model.eval_loss.compute().item() == pytest.approx(loss.item(), rel=1e-6)
+    assert model.eval_nll.compute().item() == pytest.approx(nll.item(), rel=1e-6)
+    reference = torch.nn.functional.cross_entropy(model.project(states).double().flatten(0, 1), tgt_output.flatten(),
+                                                  ignore_index=0)
+    assert model.eval_nll.compute().item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("hook", ["compute_loss", "compute_nll"])
+def test_evaluation_uses_an_overridden_loss_hook(hook):
+    class Shifted(Seq2SeqTransformer):
+        def compute_loss(self, states, tgt_output):
+            return super().compute_loss(states, tgt_output) + (1.0 if hook == "compute_loss" else 0.0)
+
+        def compute_nll(self, states, tgt_output):
+            return super().compute_nll(states, tgt_output) + (2.0 if hook == "compute_nll" else 0.0)
+
+    torch.manual_seed(0)
+    model, base = Shifted(**TINY).eval(), tiny_model().eval()
+    base.load_state_dict(model.state_dict())
+    src, tgt = _eval_batch(20)
+    with torch.inference_mode():
+        model._evaluate((src, tgt))
+        *_, loss, nll = _two_pass_values(base, src, tgt)
+    assert model.eval_loss.compute().item() == pytest.approx(loss.item() + (hook == "compute_loss"), rel=1e-6)
+    assert model.eval_nll.compute().item() == pytest.approx(nll.item() + 2 * (hook == "compute_nll"), rel=1e-6)
+
+
+def test_the_step_hooks_read_no_device_value_on_the_host_after_an_epochs_first_batch(tmp_path):
+    """A host read (``int``, ``bool``, ``item``) of a device tensor waits for the GPU: the step path has
+    none but the all-padding check of each epoch's first batch."""
+    model, reads = tiny_model(), []
+    for hook in ("training_step", "on_before_optimizer_step", "on_train_batch_end"):
+        def counted(*args, _hook=getattr(model, hook), **kwargs):
+            with CountOps() as ops:
+                result = _hook(*args, **kwargs)
+            reads.extend(name for name, _ in ops.calls if name == "_local_scalar_dense")
+            return result
+        setattr(model, hook, counted)
+    trainer(tmp_path, max_steps=4, log_every_n_steps=100).fit(model, CopyTaskDataModule(num_samples=64, batch_size=16))
+    assert len(reads) == 1
+
+
+def test_ddp_has_no_buffers_to_broadcast_and_the_position_table_still_follows_the_model():
+    model = tiny_model()
+    assert not list(model.buffers())  # DDP broadcasts buffers from rank 0 before every forward
+    table = model.transformer.src_embed.positions
+    assert torch.equal(model.to(torch.float64).transformer.src_embed.positions, table.double())
+    assert "transformer.src_embed.positions" not in model.state_dict()

@@ -1,3 +1,5 @@
+import unicodedata
+
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
@@ -76,3 +78,43 @@ def test_special_tokens_in_other_positions_are_rejected():
 def test_too_small_vocabulary_is_rejected():
     with pytest.raises(ValueError, match="vocab_size=4 leaves no room"):
         Tokenizer.train(SENTENCES, vocab_size=4)
+
+
+# Text a lossless tokenizer must give back unchanged: what NFKC would rewrite (full-width forms,
+# ellipses, superscripts, ligatures, the ideographic space U+3000), scripts and symbols absent from
+# the training text, and spaces in every position.
+UNUSUAL = [
+    "你好，世界！这是测试。对吗？",
+    "本当に？\u3000はい……",
+    "E = mc² and the ﬁnal ﬂight",
+    "Ｆｕｌｌ－ｗｉｄｔｈ １２３",
+    "Crème brûlée, naïve café, Ångström",
+    "e\u0301 stays decomposed",
+    "Emoji 🎉👍🏽 and ✓ checks",
+    "ʻŌlelo Hawaiʻi, Ελληνικά, עברית, ไทย",
+    "  leading, double  and trailing spaces ",
+    "a literal ▁ and <0x41> stay text",
+]
+
+
+def test_decode_inverts_encode_on_text_nfkc_would_change_and_characters_never_seen(tokenizer):
+    for text in UNUSUAL:
+        ids = tokenizer.encode(text)
+        assert tokenizer.unk_id not in ids, text
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.decode_batch(tokenizer.encode_batch(UNUSUAL)) == UNUSUAL
+    assert tokenizer.normalization == "none" and tokenizer.normalize(UNUSUAL[0]) == UNUSUAL[0]
+
+
+def test_nfkc_normalization_is_an_option():
+    nfkc = Tokenizer.train(SENTENCES, vocab_size=300, normalization="nfkc")
+    assert nfkc.normalization == "nfkc"
+    for text in UNUSUAL:
+        expected = unicodedata.normalize("NFKC", text)
+        assert nfkc.decode(nfkc.encode(text)) == nfkc.normalize(text) == expected
+    assert Tokenizer.from_str(nfkc.to_str()).normalization == "nfkc"
+
+
+def test_unknown_normalization_is_rejected():
+    with pytest.raises(ValueError, match="normalization='nfc' is not supported; use 'none'.*or 'nfkc'"):
+        Tokenizer.train(SENTENCES, vocab_size=300, normalization="nfc")

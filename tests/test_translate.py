@@ -4,8 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 
 from lightning_transformer import Seq2SeqTransformer
+from lightning_transformer.averaging import average_checkpoints
 from lightning_transformer.translate import TranslationWriter, load_translator, tokenizer_from_checkpoint, translate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,7 +71,8 @@ def test_tokenizer_larger_than_the_models_vocabulary_is_refused(small_run, tmp_p
     checkpoint["state_dict"] = Seq2SeqTransformer(**checkpoint["hyper_parameters"]).state_dict()
     path = tmp_path / "mismatch.ckpt"
     torch.save(checkpoint, path)
-    with pytest.raises(ValueError, match="has 300 tokens but the model only 100.*inconsistent"):
+    tokens = tokenizer_from_checkpoint(checkpoint).vocab_size
+    with pytest.raises(ValueError, match=f"has {tokens} tokens but the model only 100.*inconsistent"):
         load_translator(path)
 
 
@@ -108,3 +111,71 @@ def test_prediction_writer_refuses_an_existing_file(tmp_path):
     (tmp_path / "out.txt").write_text("keep")
     with pytest.raises(FileExistsError, match="exists"):
         TranslationWriter(str(tmp_path / "out.txt"))
+
+
+class Sharpened(Seq2SeqTransformer):
+    """A research subclass with a hyperparameter of its own that changes its translations."""
+
+    def __init__(self, temperature: float = 1.0, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.temperature = temperature
+
+    def project(self, states):
+        return super().project(states) / self.temperature
+
+
+@pytest.fixture(scope="module")
+def subclass_checkpoint(small_run, tmp_path_factory):
+    """``Sharpened(temperature=0.5)`` with small_run's weights, saved by a Trainer after one step."""
+    root, _, data = small_run
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)
+    model = Sharpened(temperature=0.5, **{k: v for k, v in checkpoint["hyper_parameters"].items()
+                                          if not k.startswith("_")})
+    model.load_state_dict(checkpoint["state_dict"])
+    folder = tmp_path_factory.mktemp("subclass")
+    trainer = Trainer(default_root_dir=folder, max_steps=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(folder / "sharpened.ckpt")
+    return folder / "sharpened.ckpt"
+
+
+def test_translate_loads_the_checkpoints_own_class_with_all_its_hyperparameters(subclass_checkpoint, tmp_path):
+    model, _ = load_translator(subclass_checkpoint)
+    assert type(model) is Sharpened and model.temperature == 0.5 and model.hparams.temperature == 0.5
+    # An averaged subclass checkpoint is still that subclass.
+    averaged = tmp_path / "averaged.ckpt"
+    torch.save(average_checkpoints([subclass_checkpoint, subclass_checkpoint]), averaged)
+    model, _ = load_translator(averaged)
+    assert type(model) is Sharpened and model.temperature == 0.5
+
+
+def test_checkpoints_from_before_the_class_was_recorded_load_the_base_class(small_run, tmp_path):
+    checkpoint = torch.load(small_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint.pop("model_class", None)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    model, _ = load_translator(tmp_path / "old.ckpt")
+    assert type(model) is Seq2SeqTransformer
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nowhere.Missing", "nowhere.Missing, which cannot be imported .*No module named 'nowhere'.*PYTHONPATH"),
+    ("lightning_transformer.model.Missing", "cannot be imported .*has no attribute 'Missing'"),
+    ("collections.OrderedDict", "collections.OrderedDict, which is not a Seq2SeqTransformer subclass"),
+])
+def test_unimportable_or_foreign_model_classes_are_refused(small_run, tmp_path, name, message):
+    checkpoint = torch.load(small_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["model_class"] = name
+    torch.save(checkpoint, tmp_path / "foreign.ckpt")
+    with pytest.raises(ValueError, match=message):
+        load_translator(tmp_path / "foreign.ckpt")
+
+
+def test_hyperparameters_the_class_does_not_take_are_refused_not_dropped(small_run, tmp_path):
+    """An old subclass checkpoint, without its class recorded, would otherwise load as a different model."""
+    checkpoint = torch.load(small_run[0] / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint.pop("model_class", None)
+    checkpoint["hyper_parameters"]["temperature"] = 0.5
+    torch.save(checkpoint, tmp_path / "old_subclass.ckpt")
+    with pytest.raises(ValueError, match=r"hyperparameters \['temperature'\] that Seq2SeqTransformer does not take"):
+        load_translator(tmp_path / "old_subclass.ckpt")
