@@ -14,7 +14,6 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
@@ -23,7 +22,7 @@ from .decoding import beam_search
 from .losses import ProjectedLabelSmoothingLoss
 from .masks import create_combined_mask, create_padding_mask
 from .sampler import is_filler, unpack_batch
-from .schedules import cosine_schedule, noam_schedule, paper_adam
+from .schedules import cosine_length, cosine_schedule, noam_schedule, paper_adam
 from .transformer import Transformer
 
 
@@ -199,8 +198,7 @@ class Seq2SeqTransformer(LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         step_tokens = torch.as_tensor(self._step_tokens, device=self.device)
         if dist.is_available() and dist.is_initialized():
-            # Not strategy.reduce, which waits at a barrier first; the sum stays on the device, so
-            # nothing here waits for the GPU either.
+            # Not strategy.reduce, which waits at a barrier first; the sum stays on the device.
             dist.all_reduce(step_tokens)
         self._step_tokens = 0
         scale = 1.0 / step_tokens.clamp(min=1)
@@ -268,22 +266,11 @@ class Seq2SeqTransformer(LightningModule):
             # LambdaLR multiplies the base lr by noam_lambda, so the base lr *is* the factor.
             scheduler = noam_schedule(adam, hp.d_model, hp.warmup_steps)
         elif hp.scheduler == "cosine":
-            scheduler = cosine_schedule(adam, hp.warmup_steps, self._cosine_length(), hp.min_lr_ratio)
+            total = cosine_length(hp.total_steps, self.trainer.estimated_stepping_batches, hp.warmup_steps)
+            scheduler = cosine_schedule(adam, hp.warmup_steps, total, hp.min_lr_ratio)
         else:
             raise ValueError(f"scheduler must be 'noam' or 'cosine', got {hp.scheduler!r}.")
         return {"optimizer": adam, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def _cosine_length(self) -> int:
-        hp = self.hparams
-        total = hp.total_steps if hp.total_steps is not None else self.trainer.estimated_stepping_batches
-        if total == float("inf"):
-            raise ValueError("the cosine schedule needs a finite run length; set trainer.max_steps, "
-                             "trainer.max_epochs or model.total_steps.")
-        if total <= hp.warmup_steps:
-            rank_zero_warn(f"the run ends after {total} optimizer steps, inside the {hp.warmup_steps}-step "
-                           "warm-up, so the cosine decay never starts; shorten model.warmup_steps if unintended.")
-            return hp.warmup_steps + 1
-        return int(total)
 
     # ----- helpers ----------------------------------------------------------------------------
     unpack_batch = staticmethod(unpack_batch)  # a hook: a subclass reads its own batch format

@@ -10,11 +10,11 @@ counter and evaluate the schedule at ``k = step + 1``: the first optimizer step 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import partial
 
-from collections.abc import Iterable
-
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.optim import Adam, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -59,6 +59,22 @@ def noam_schedule(optimizer: Optimizer, d_model: int, warmup_steps: int, factor:
     """``LambdaLR`` following :func:`noam_lambda`; build the optimizer with ``lr=1.0``."""
     _check_warmup(warmup_steps)
     return LambdaLR(optimizer, partial(noam_lambda, d_model=d_model, warmup_steps=warmup_steps, factor=factor))
+
+
+def cosine_length(total_steps: int | None, estimated_steps: float, warmup_steps: int) -> int:
+    """The cosine decay's length: ``total_steps`` if given, else the Trainer's estimated optimizer steps.
+
+    A run that ends inside the warm-up gets ``warmup_steps + 1``, with a warning.
+    """
+    total = estimated_steps if total_steps is None else total_steps
+    if total == float("inf"):
+        raise ValueError("the cosine schedule needs a finite run length; set trainer.max_steps, "
+                         "trainer.max_epochs or model.total_steps.")
+    if total <= warmup_steps:
+        rank_zero_warn(f"the run ends after {total} optimizer steps, inside the {warmup_steps}-step "
+                       "warm-up, so the cosine decay never starts; shorten model.warmup_steps if unintended.")
+        return warmup_steps + 1
+    return int(total)
 
 
 def cosine_schedule(optimizer: Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> LambdaLR:
