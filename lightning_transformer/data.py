@@ -1,20 +1,21 @@
-"""``TranslationDataModule``: parallel text to padded id batches, with a cached tokenizer."""
+"""``TranslationDataModule``: parallel text to padded id batches, from memory-mapped Arrow caches."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
-from functools import cached_property, partial
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from datasets import Dataset
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from .readers import load_pairs
+from .readers import open_corpus
 from .sampler import ResumableDataLoader, SplitRows, TokenBudgetBatchSampler, collate
 from .tokenizer import PAD_ID, Tokenizer
 
@@ -32,8 +33,9 @@ class TranslationDataModule(LightningDataModule):
     always come in the same order. The tokenizer is saved in checkpoints, so
     a checkpoint alone is enough to translate.
 
-    Under DDP, each rank reads its own shard, so the Trainer must be created
-    with ``use_distributed_sampler=False``.
+    ``prepare_data`` (one process per node) converts the corpus to Arrow, trains the tokenizer
+    and tokenises; ``setup`` then only memory-maps those caches, so memory does not grow with the
+    corpus. Under DDP, each rank reads its own shard: create the Trainer with ``use_distributed_sampler=False``.
 
     Args:
         dataset: "default" for the embedded Tatoeba English-Spanish corpus, a
@@ -53,9 +55,13 @@ class TranslationDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         seed: seed of the per-epoch shuffling.
         tokenizer_path: an existing tokenizer.json to use instead of training one.
-        cache_dir: folder for the trained tokenizer and tokenised splits
+        cache_dir: folder for the corpus converted to Arrow, the trained tokenizer and tokenised
+            splits, in a subfolder named after the corpus files' content
             (default: $XDG_CACHE_HOME/lightning_transformer or ~/.cache/lightning_transformer).
         dataset_config: configuration name of a hub dataset, e.g. "de-en".
+        tokenizer_sample_size: most training pairs to train the tokenizer on, which bounds its time and
+            memory; a larger corpus is sampled, the same pairs every time (SentencePiece's input_sentence_size).
+        normalization: "none" (lossless) or "nfkc", passed to ``Tokenizer.train``; unused with tokenizer_path.
     """
 
     def __init__(
@@ -73,32 +79,36 @@ class TranslationDataModule(LightningDataModule):
         tokenizer_path: str | None = None,
         cache_dir: str | None = None,
         dataset_config: str | None = None,
+        tokenizer_sample_size: int = 1_000_000,
+        normalization: str = "none",
     ) -> None:
         super().__init__()
         if max_tokens is None and batch_size is None:
             raise ValueError("max_tokens and batch_size are both None. Set max_tokens (e.g. 4096) or batch_size.")
         if max_tokens is not None and max_tokens < max_length:
-            raise ValueError(
-                f"max_tokens={max_tokens} is below max_length={max_length}, so the longest pairs fit in no batch. "
-                "Raise max_tokens or lower max_length."
-            )
+            raise ValueError(f"max_tokens={max_tokens} is below max_length={max_length}, so the longest pairs fit in "
+                             "no batch. Raise max_tokens or lower max_length.")
         if src_lang == tgt_lang:
             raise ValueError(f"src_lang and tgt_lang are both {src_lang!r}. Choose two different languages.")
+        if tokenizer_sample_size < 1:
+            raise ValueError(f"tokenizer_sample_size={tokenizer_sample_size} is not positive. Set it to a number of "
+                             "training pairs, e.g. 1000000.")
         self.save_hyperparameters()
         self.vocab_size = vocab_size
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, Dataset] = {}
-        self._pairs: dict[str, list[tuple[str, str]]] | None = None
+        self._corpus: tuple[Path, dict[str, Dataset]] | None = None
 
     def references(self, split: str) -> list[str]:
         """Raw target sentences of ``split`` ("validation" or "test"), in split order."""
-        pairs = self._pairs_by_split()
-        if split not in pairs:
-            raise ValueError(f"There is no {split!r} split; the dataset has {', '.join(pairs)}.")
-        return [tgt for _, tgt in pairs[split]]
+        text = self._open()[1]
+        if split not in text:
+            raise ValueError(f"There is no {split!r} split; the dataset has {', '.join(text)}.")
+        # Read from the memory-mapped split when asked, so only evaluated splits become Python strings.
+        return text[split].with_format("arrow")["tgt"].to_pylist()
 
     def prepare_data(self) -> None:
-        """Train (or find cached) the tokenizer and tokenise every split once, on one process."""
+        """Convert the corpus to Arrow, train the tokenizer and tokenise every split, unless cached; one process."""
         self._tokenise(self._load_tokenizer())
 
     def setup(self, stage: str | None = None) -> None:
@@ -199,38 +209,30 @@ class TranslationDataModule(LightningDataModule):
             )
         return trainer.global_rank, trainer.world_size
 
-    def _pairs_by_split(self) -> dict[str, list[tuple[str, str]]]:
-        if self._pairs is None:
+    def _open(self) -> tuple[Path, dict[str, Dataset]]:
+        """The corpus's cache folder and its memory-mapped ``src``/``tgt`` text splits, converted on first use."""
+        if self._corpus is None:
             hp = self.hparams
-            self._pairs = load_pairs(hp.dataset, hp.format, hp.src_lang, hp.tgt_lang, hp.dataset_config)
-        return self._pairs
+            root = Path(hp.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "lightning_transformer")
+            self._corpus = open_corpus(hp.dataset, hp.format, hp.src_lang, hp.tgt_lang, hp.dataset_config,
+                                       root.expanduser())
+        return self._corpus
 
     def _split_names(self) -> list[str]:
-        return list(self.splits or self._pairs_by_split())
-
-    @cached_property
-    def _cache_folder(self) -> Path:
-        """Cache folder keyed by a hash of the pairs, so edited data never reuses stale files."""
-        digest = hashlib.sha256()
-        for split, pairs in sorted(self._pairs_by_split().items()):
-            digest.update(split.encode())
-            for src, tgt in pairs:
-                digest.update(f"{src}\t{tgt}\n".encode())
-        if self.hparams.cache_dir is not None:
-            root = Path(self.hparams.cache_dir).expanduser()
-        else:
-            root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_transformer"
-        return root / digest.hexdigest()[:16]
+        return list(self.splits or self._open()[1])
 
     def _load_tokenizer(self) -> Tokenizer:
-        if self.hparams.tokenizer_path is not None:
-            return self._check_vocab(Tokenizer.load(self.hparams.tokenizer_path), self.hparams.tokenizer_path)
-        path = self._cache_folder / f"tokenizer-{self.vocab_size}.json"
+        hp = self.hparams
+        if hp.tokenizer_path is not None:
+            return self._check_vocab(Tokenizer.load(hp.tokenizer_path), hp.tokenizer_path)
+        folder, text = self._open()
+        size = min(len(text["train"]), hp.tokenizer_sample_size)
+        path = folder / f"tokenizer-{self.vocab_size}-{hp.normalization}-{size}.json"
         if path.is_file():
             return Tokenizer.load(path)
-        train = self._pairs_by_split()["train"]
-        rank_zero_info(f"Training a {self.vocab_size}-token BPE tokenizer on {len(train)} training pairs.")
-        tokenizer = Tokenizer.train((text for pair in train for text in pair), self.vocab_size, length=2 * len(train))
+        rank_zero_info(f"Training a {self.vocab_size}-token BPE tokenizer on {size} of {len(text['train'])} pairs.")
+        tokenizer = Tokenizer.train(_sample_texts(text["train"], size), self.vocab_size, length=2 * size,
+                                    normalization=hp.normalization)
         # Write then rename, so a concurrent reader never sees half a file.
         partial_path = path.with_suffix(f".{os.getpid()}.tmp")
         tokenizer.save(partial_path)
@@ -239,37 +241,38 @@ class TranslationDataModule(LightningDataModule):
 
     def _check_vocab(self, tokenizer: Tokenizer, source: str) -> Tokenizer:
         if tokenizer.vocab_size > self.vocab_size:
-            raise ValueError(
-                f"The tokenizer from {source} has {tokenizer.vocab_size} tokens but vocab_size={self.vocab_size}, "
-                f"so some ids would have no embedding. Set vocab_size to at least {tokenizer.vocab_size}."
-            )
+            raise ValueError(f"The tokenizer from {source} has {tokenizer.vocab_size} tokens but vocab_size="
+                             f"{self.vocab_size}, so some ids would have no embedding. Set vocab_size to at least "
+                             f"{tokenizer.vocab_size}.")
         return tokenizer
 
     def _tokenise(self, tokenizer: Tokenizer) -> None:
         """Tokenise every split into ``datasets`` cache files keyed by data, tokenizer and max_length."""
-        folder = self._cache_folder
-        folder.mkdir(parents=True, exist_ok=True)
+        folder, text = self._open()
         # The column list is hashed too, so caches written by older code are never reused.
         fingerprint = f"{tokenizer.to_str()}{self.hparams.max_length}{_COLUMNS}"
         key = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
-        for split, pairs in self._pairs_by_split().items():
-            raw = Dataset.from_dict({"src": [src for src, _ in pairs], "tgt": [tgt for _, tgt in pairs]})
+        for split, raw in text.items():
             encoded = raw.map(
                 partial(_encode, tokenizer=tokenizer, max_length=self.hparams.max_length, drop=split == "train"),
-                batched=True,
-                with_indices=True,
-                batch_size=10_000,
-                remove_columns=["src", "tgt"],
-                cache_file_name=str(folder / f"{split}-{key}.arrow"),
-                load_from_cache_file=True,
-                desc=f"Tokenising {split}",
+                batched=True, with_indices=True, batch_size=10_000, remove_columns=["src", "tgt"],
+                # Large record batches: memory-mapping a file maps the pages around each batch's header.
+                writer_batch_size=10_000, cache_file_name=str(folder / f"{split}-{key}.arrow"),
+                load_from_cache_file=True, new_fingerprint=f"{split}-{key}", desc=f"Tokenising {split}",
             )
             if len(encoded) < len(raw):
-                rank_zero_info(
-                    f"Dropped {len(raw) - len(encoded)} of {len(raw)} training pairs longer than "
-                    f"max_length={self.hparams.max_length} tokens."
-                )
+                dropped, limit = len(raw) - len(encoded), self.hparams.max_length
+                rank_zero_info(f"Dropped {dropped} of {len(raw)} training pairs longer than max_length={limit} tokens.")
             self.splits[split] = encoded
+
+
+def _sample_texts(train: Dataset, size: int) -> Iterator[str]:
+    """Both sides of ``size`` training pairs: all of them, or a fixed random sample of a larger split."""
+    # A fixed seed, so that a corpus always gives the same tokenizer whatever the training seed.
+    rows = np.sort(np.random.default_rng(0).choice(len(train), size, replace=False))
+    for batch in train.select(rows).iter(batch_size=10_000):
+        yield from batch["src"]
+        yield from batch["tgt"]
 
 
 def _encode(

@@ -12,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT / "lightning_transformer" / "corpus"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -23,7 +24,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-CORPUS = ROOT / "lightning_transformer" / "corpus"
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +61,7 @@ TINY_MODEL = dict(d_model=64, nhead=4, num_encoder_layers=1, num_decoder_layers=
 def small_data_module(folder: Path, cache_dir: Path):
     from lightning_transformer.data import TranslationDataModule
 
-    return TranslationDataModule(str(folder), format="tsv", vocab_size=300, max_tokens=600, max_length=64,
+    return TranslationDataModule(str(folder), format="tsv", vocab_size=556, max_tokens=600, max_length=64,
                                  cache_dir=str(cache_dir))
 
 
@@ -76,7 +76,7 @@ def small_run(small_corpus, tmp_path_factory):
     root = tmp_path_factory.mktemp("small_run")
     seed_everything(0)
     data = small_data_module(small_corpus, root / "cache")
-    model = Seq2SeqTransformer(src_vocab_size=300, tgt_vocab_size=300, **TINY_MODEL)
+    model = Seq2SeqTransformer(src_vocab_size=556, tgt_vocab_size=556, **TINY_MODEL)
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=50, save_top_k=-1, save_last=True)
     trainer = Trainer(default_root_dir=root, max_steps=200, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,

@@ -1,6 +1,9 @@
-import gzip
 import json
 import os
+import pickle
+import shutil
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,150 +12,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset, DatasetDict  # noqa: E402
+from tiny_corpus import EN, ES, write_tsv  # noqa: E402
 
 from lightning_transformer import data as data_module  # noqa: E402
-from lightning_transformer.readers import load_pairs  # noqa: E402
 from lightning_transformer.data import TranslationDataModule  # noqa: E402
 from lightning_transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
 MULTI30K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "multi30k"
-ANIMALS = {"cat": "gato", "dog": "perro", "bird": "pájaro", "horse": "caballo"}
-EN = [f"The {en} number {i} is sleeping{' very deeply' * (i % 3)}." for i, en in enumerate(list(ANIMALS) * 6)]
-ES = [f"El {es} número {i} duerme{' muy profundamente' * (i % 3)}." for i, es in enumerate(list(ANIMALS.values()) * 6)]
-SPLITS = {"train": slice(0, 20), "validation": slice(20, 24)}
+OPENED: list[list[str]] = []  # lists that record the paths of opened files, innermost last
 
 
-def expected_pairs():
-    return {split: list(zip(EN[rows], ES[rows])) for split, rows in SPLITS.items()}
+def _record_open(event, args):
+    if event == "open" and OPENED and isinstance(args[0], (str, os.PathLike)):
+        OPENED[-1].append(os.fspath(args[0]))
 
 
-def write_text(folder, compress=False):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in SPLITS.items():
-        name = "val" if split == "validation" else split
-        for lang, lines in (("en", EN), ("es", ES)):
-            payload = "".join(line + "\n" for line in lines[rows]).encode()
-            if compress:
-                (folder / f"{name}.{lang}.gz").write_bytes(gzip.compress(payload))
-            else:
-                (folder / f"{name}.{lang}").write_bytes(payload)
-    return folder
+sys.addaudithook(_record_open)
 
 
-def write_tsv(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in SPLITS.items():
-        lines = ["id\tes\ten"] + [f"{i}\t{es}\t{en}" for i, (en, es) in enumerate(zip(EN[rows], ES[rows]))]
-        (folder / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder
-
-
-def write_jsonl(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, rows in SPLITS.items():
-        records = [{"translation": {"en": en, "es": es}} for en, es in zip(EN[rows], ES[rows])]
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return folder
-
-
-def write_disk(folder, nested=True):
-    def split_dataset(rows):
-        if nested:
-            return Dataset.from_dict({"translation": [{"en": en, "es": es} for en, es in zip(EN[rows], ES[rows])]})
-        return Dataset.from_dict({"en": EN[rows], "es": ES[rows]})
-
-    DatasetDict({split: split_dataset(rows) for split, rows in SPLITS.items()}).save_to_disk(str(folder))
-    return folder
-
-
-@pytest.mark.parametrize(
-    "writer",
-    [
-        write_text,
-        lambda folder: write_text(folder, compress=True),
-        write_tsv,
-        write_jsonl,
-        write_disk,
-        lambda folder: write_disk(folder, nested=False),
-    ],
-    ids=["text", "text-gz", "tsv", "jsonl", "disk-translation", "disk-columns"],
-)
-def test_every_format_loads_the_same_pairs(tmp_path, writer):
-    folder = writer(tmp_path / "corpus")
-    assert load_pairs(str(folder), "auto", "en", "es") == expected_pairs()
-
-
-def test_embedded_corpus_has_three_disjoint_splits():
-    splits = load_pairs("default", "auto", "en", "es")
-    assert [len(splits[name]) for name in ("validation", "test")] == [1000, 2000]
-    assert len(splits["train"]) > 100_000
-    sources = [{src for src, _ in pairs} for pairs in splits.values()]
-    assert sum(map(len, sources)) == len(set.union(*sources))
-
-
-def test_line_count_mismatch_names_both_files(tmp_path):
-    folder = write_text(tmp_path / "corpus")
-    (folder / "train.es").write_text("".join(line + "\n" for line in ES[:19]), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"train\.en has 20 lines but .*train\.es has 19"):
-        load_pairs(str(folder), "text", "en", "es")
-
-
-def test_empty_file_is_named(tmp_path):
-    folder = write_text(tmp_path / "corpus")
-    (folder / "val.en").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"val\.en is empty"):
-        load_pairs(str(folder), "auto", "en", "es")
-
-
-def test_missing_folder_and_missing_language_files(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_pairs(str(tmp_path / "nowhere"), "auto", "en", "es")
-    folder = write_text(tmp_path / "corpus")
-    with pytest.raises(FileNotFoundError, match=r"train\.fr or train\.fr\.gz is missing"):
-        load_pairs(str(folder), "text", "en", "fr")
-
-
-def test_missing_validation_split(tmp_path):
-    folder = write_tsv(tmp_path / "corpus")
-    (folder / "validation.tsv").unlink()
-    with pytest.raises(FileNotFoundError, match="has no validation split"):
-        load_pairs(str(folder), "tsv", "en", "es")
-
-
-def test_undecodable_bytes_name_file_and_encoding(tmp_path):
-    folder = write_text(tmp_path / "corpus")
-    (folder / "train.es").write_bytes("\n".join(ES[:20]).encode("latin-1"))
-    with pytest.raises(ValueError, match=r"train\.es is not valid UTF-8.*Re-encode it as UTF-8"):
-        load_pairs(str(folder), "text", "en", "es")
-
-
-@pytest.mark.parametrize("writer", [write_tsv, write_jsonl, write_disk], ids=["tsv", "jsonl", "disk"])
-def test_missing_language_column(tmp_path, writer):
-    folder = writer(tmp_path / "corpus")
-    with pytest.raises(ValueError, match="'de'"):
-        load_pairs(str(folder), "auto", "en", "de")
-
-
-def test_unknown_format_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="format='csv' is not supported"):
-        load_pairs(str(tmp_path), "csv", "en", "es")
-
-
-def test_empty_lines_are_named_by_position(tmp_path):
-    folder = write_text(tmp_path / "corpus")
-    lines = (folder / "train.es").read_text(encoding="utf-8").splitlines()
-    lines[3] = lines[17] = ""
-    (folder / "train.es").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(ValueError, match=r"2 pair\(s\) of the train split .* empty side \(pair number 4, 18.*delete"):
-        load_pairs(str(folder), "text", "en", "es")
-
-
-def test_a_split_without_examples_is_refused(tmp_path):
-    folder = write_tsv(tmp_path / "corpus")
-    (folder / "validation.tsv").write_text("id\tes\ten\n", encoding="utf-8")  # a header, no rows
-    with pytest.raises(ValueError, match="validation split in .* has no examples"):
-        load_pairs(str(folder), "tsv", "en", "es")
+def age(folder, seconds=3600):
+    """Date every file of ``folder`` back, as a corpus downloaded earlier would be."""
+    past = time.time() - seconds
+    for path in folder.iterdir():
+        os.utime(path, (past, past))
 
 
 def test_same_source_and_target_language_is_refused(tmp_path):
@@ -163,8 +45,9 @@ def test_same_source_and_target_language_is_refused(tmp_path):
 @pytest.fixture
 def folder_module(tmp_path):
     folder = write_tsv(tmp_path / "corpus")
-    defaults = {"vocab_size": 200, "max_tokens": 256, "max_length": 32, "cache_dir": str(tmp_path / "cache")}
-    return lambda **options: TranslationDataModule(str(folder), **{**defaults, **options})
+    defaults = {"dataset": str(folder), "vocab_size": 400, "max_tokens": 256, "max_length": 32,
+                "cache_dir": str(tmp_path / "cache")}
+    return lambda **options: TranslationDataModule(**{**defaults, **options})
 
 
 def test_batches_follow_the_contract(folder_module):
@@ -180,7 +63,7 @@ def test_batches_follow_the_contract(folder_module):
         assert ids[-1] == EOS_ID and (row[len(ids) :] == 0).all()
     texts = datamodule.tokenizer.decode_batch(batch["src"])
     assert texts == [EN[i] for i in batch["index"].tolist()]
-    assert datamodule.tokenizer.vocab_size <= datamodule.vocab_size == 200
+    assert datamodule.tokenizer.vocab_size <= datamodule.vocab_size == 400
 
 
 def test_evaluation_indices_point_at_raw_references(folder_module):
@@ -210,19 +93,100 @@ def test_overlong_training_pairs_are_dropped_and_evaluation_pairs_truncated(fold
     assert all(ids[-1] == EOS_ID for ids in validation["tgt_ids"])
 
 
+def forbidden(*args, **kwargs):
+    raise AssertionError("the cache should have been used")
+
+
 def test_second_setup_reuses_cached_tokenizer_and_tokens(folder_module, monkeypatch):
     first = folder_module()
     first.setup("fit")
-
-    def forbidden(*args, **kwargs):
-        raise AssertionError("the cache should have been used")
-
     monkeypatch.setattr(Tokenizer, "train", forbidden)
     monkeypatch.setattr(data_module, "_encode", forbidden)
     second = folder_module()
     second.setup("fit")
     assert second.tokenizer == first.tokenizer
     assert list(second.splits["train"]["src_ids"]) == list(first.splits["train"]["src_ids"])
+
+
+def test_setup_on_a_warm_cache_opens_no_corpus_file(folder_module, tmp_path, monkeypatch):
+    """Ranks other than the preparing one only open caches: the corpus is neither parsed nor hashed again."""
+    age(tmp_path / "corpus")
+    folder_module().prepare_data()
+    monkeypatch.setattr(Tokenizer, "train", forbidden)
+    monkeypatch.setattr(data_module, "_encode", forbidden)
+    OPENED.append([])
+    try:
+        rank = folder_module()
+        rank.setup("fit")
+        assert rank.references("validation") == ES[20:24]
+    finally:
+        opened = OPENED.pop()
+    assert not [path for path in opened if Path(path).parent == tmp_path / "corpus"]
+
+
+def test_an_edited_corpus_never_reuses_a_stale_cache(folder_module, tmp_path):
+    """An edit that keeps the size and the modification time still changes the cache key."""
+    age(tmp_path / "corpus")
+    before = folder_module()
+    before.setup("validate")
+    path = tmp_path / "corpus" / "validation.tsv"
+    stat = path.stat()
+    path.write_bytes(path.read_bytes().replace(b"El ", b"Le "))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    after = folder_module()
+    after.setup("validate")
+    assert after.references("validation") == [text.replace("El ", "Le ") for text in ES[20:24]]
+    assert list(after.splits["validation"]["tgt_ids"]) != list(before.splits["validation"]["tgt_ids"])
+
+
+def test_a_touched_or_copied_corpus_reuses_the_cache(folder_module, tmp_path, monkeypatch):
+    first = folder_module()
+    first.setup("fit")
+    monkeypatch.setattr(Tokenizer, "train", forbidden)
+    monkeypatch.setattr(data_module, "_encode", forbidden)
+    os.utime(tmp_path / "corpus" / "train.tsv")
+    copy = shutil.copytree(tmp_path / "corpus", tmp_path / "copy")
+    for dataset in (tmp_path / "corpus", copy):
+        again = folder_module(dataset=str(dataset))
+        again.setup("fit")
+        assert again.tokenizer == first.tokenizer
+
+
+def test_memory_kept_after_setup_does_not_grow_with_the_corpus(tmp_path):
+    """Splits stay memory-mapped Arrow files, which pickle as their paths, never as their rows."""
+    tokenizer = tmp_path / "tokenizer.json"
+    Tokenizer.train(EN + ES, vocab_size=400).save(tokenizer)
+    sizes = []
+    for repeat in (1, 50):
+        folder = write_tsv(tmp_path / f"corpus{repeat:02}")
+        header, *rows = (folder / "train.tsv").read_text(encoding="utf-8").splitlines()
+        (folder / "train.tsv").write_text("\n".join([header] + rows * repeat) + "\n", encoding="utf-8")
+        datamodule = TranslationDataModule(str(folder), vocab_size=400, max_tokens=256, max_length=32,
+                                           tokenizer_path=str(tokenizer), cache_dir=str(tmp_path / "cache"))
+        datamodule.setup("fit")
+        assert len(datamodule.splits["train"]) == 20 * repeat
+        assert datamodule.references("validation") == ES[20:24]
+        sizes.append(len(pickle.dumps(datamodule)))
+    assert sizes[1] - sizes[0] < 100  # the 980 extra pairs hold about 60 kB of text
+
+
+def test_tokenizer_trains_on_a_bounded_repeatable_sample(folder_module, tmp_path, monkeypatch):
+    seen, train = [], Tokenizer.train
+
+    def recording(texts, vocab_size, normalization, **kwargs):
+        texts = list(texts)
+        seen.append((texts, normalization))
+        return train(texts, vocab_size, normalization=normalization, **kwargs)
+
+    monkeypatch.setattr(Tokenizer, "train", recording)
+    for cache in ("one", "two"):
+        folder_module(tokenizer_sample_size=5, normalization="nfkc", cache_dir=str(tmp_path / cache)).setup("fit")
+    folder_module().setup("fit")
+    (first, normalization), (second, _), (everything, _) = seen
+    assert first == second and len(first) == 10 and normalization == "nfkc"
+    english, spanish = {EN.index(text) for text in first if text in EN}, {ES.index(text) for text in first if text in ES}
+    assert english == spanish and max(english) < 20  # five whole training pairs
+    assert sorted(everything) == sorted(EN[:20] + ES[:20])
 
 
 def test_tokenizer_round_trips_through_state_dict(folder_module):
@@ -237,11 +201,12 @@ def test_tokenizer_round_trips_through_state_dict(folder_module):
 
 def test_given_tokenizer_larger_than_vocab_size_is_rejected(folder_module, tmp_path):
     path = tmp_path / "big.json"
-    tokenizer = Tokenizer.train(EN + ES, vocab_size=150)
+    tokenizer = Tokenizer.train(EN + ES, vocab_size=400)
     tokenizer.save(path)
-    folder_module(tokenizer_path=str(path), vocab_size=150).setup("fit")
-    with pytest.raises(ValueError, match=f"has {tokenizer.vocab_size} tokens but vocab_size=100"):
-        folder_module(tokenizer_path=str(path), vocab_size=100).setup("fit")
+    folder_module(tokenizer_path=str(path), vocab_size=tokenizer.vocab_size).setup("fit")
+    smaller = tokenizer.vocab_size - 1
+    with pytest.raises(ValueError, match=f"has {tokenizer.vocab_size} tokens but vocab_size={smaller}"):
+        folder_module(tokenizer_path=str(path), vocab_size=smaller).setup("fit")
 
 
 def test_missing_test_split_and_batching_options_are_clear_errors(folder_module):
@@ -253,6 +218,8 @@ def test_missing_test_split_and_batching_options_are_clear_errors(folder_module)
         folder_module(max_tokens=None)
     with pytest.raises(ValueError, match="max_tokens=16 is below max_length=32"):
         folder_module(max_tokens=16)
+    with pytest.raises(ValueError, match="tokenizer_sample_size=0 .* positive"):
+        folder_module(tokenizer_sample_size=0)
 
 
 def test_distributed_sampler_flag_must_be_off_under_ddp(folder_module):
@@ -314,7 +281,7 @@ def test_max_length_beyond_the_models_positions_is_refused_before_training(folde
 
     from lightning_transformer import Seq2SeqTransformer
 
-    model = Seq2SeqTransformer(src_vocab_size=200, tgt_vocab_size=200, d_model=32, nhead=4, num_encoder_layers=1,
+    model = Seq2SeqTransformer(src_vocab_size=400, tgt_vocab_size=400, d_model=32, nhead=4, num_encoder_layers=1,
                                num_decoder_layers=1, dim_feedforward=64, max_len=16)
     trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, max_steps=1)
     with pytest.raises(ValueError, match="max_length=32 exceeds the model's max_len=16.*lower data.max_length"):
