@@ -128,7 +128,7 @@ print(val_rows[[c for c in ("step", "val/loss", "val/nll", "val/ppl", "val/bleu"
 # prefixes, finishes those that emit `</s>`, and ranks the finished ones by log-probability
 # divided by a length penalty (GNMT's `((5 + L) / 6)^α`, α = 0.6 as in the paper), because a
 # plain sum of log-probabilities favours short outputs. After 500 CPU steps (validation BLEU
-# about 11) the translations are rough, and beam search can loop on a repeated word; longer
+# about 14) the translations are rough, and beam search can loop on a repeated word; longer
 # training removes that (`configs/multi30k_en_de.yaml` reaches 38 BLEU in an hour on two cores).
 
 # %%
