@@ -27,7 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_step import PRESETS, synthetic_batch, train_step  # noqa: E402
 
-from lightning_transformer import LabelSmoothingLoss, Seq2SeqTransformer, layers, tune_malloc  # noqa: E402
+from lightning_transformer import LabelSmoothingLoss, Seq2SeqTransformer, tune_malloc  # noqa: E402
+from lightning_transformer.nn import layers  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = {

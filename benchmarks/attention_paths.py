@@ -3,7 +3,7 @@
 Times forward + backward (training) and forward alone under ``inference_mode`` for self-attention
 shapes ``(B, H, T, 64)`` at a fixed token budget, causal boolean mask, in float32 and bfloat16. The
 project picks its path per device, dtype, grad mode and length from these numbers
-(``lightning_transformer.layers.use_matmul_attention``).
+(``lightning_transformer.nn.layers.use_matmul_attention``).
 
     python benchmarks/attention_paths.py [--tokens 2048] [--heads 4] [--repeats 20]
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_transformer.layers import matmul_attention
+from lightning_transformer.nn.layers import matmul_attention
 
 RESULTS = Path(__file__).parent / "results"
 LENGTHS = (16, 32, 64, 128, 256, 512)

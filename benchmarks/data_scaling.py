@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
-EMBEDDED = ROOT / "lightning_transformer" / "corpus"
+EMBEDDED = ROOT / "lightning_transformer" / "data" / "corpus"
 MULTI30K = ROOT.parent / "shared" / "data" / "multi30k"
 
 

@@ -40,21 +40,21 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import guide_baseline
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
+from throughput_report import write_report
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
 
-import guide_baseline
 from lightning_transformer import Seq2SeqTransformer, beam_search, greedy_decode, tune_malloc
 from lightning_transformer.data import TranslationDataModule
+from lightning_transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from lightning_transformer.schedules import noam_schedule
-from lightning_transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from throughput_report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 IMPLS = ("project", "guide", "marian")

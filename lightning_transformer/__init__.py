@@ -1,13 +1,18 @@
-"""Encoder-decoder Transformers for translation, trained the "Attention Is All You Need" way."""
+"""Encoder-decoder Transformers for translation, trained the "Attention Is All You Need" way.
 
-from .allocator import tune_malloc
-from .decoding import Hypothesis, beam_search, greedy_decode, length_penalty
-from .doctor import TrainingDoctor
+The subpackages are the layers of the design: ``nn`` (pure-torch building blocks and networks),
+``losses`` and ``schedules``, ``modules`` (the LightningModules), ``data``, ``generation``
+(decoding), ``callbacks`` and ``cli``.
+"""
+
+from .callbacks import TrainingDoctor, TranslationMetrics
+from .cli.allocator import tune_malloc
+from .data import TranslationDataModule
+from .generation import Hypothesis, beam_search, greedy_decode, length_penalty
 from .losses import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
-from .masks import create_causal_mask, create_combined_mask, create_padding_mask
-from .model import Seq2SeqTransformer
+from .modules import Seq2SeqTransformer
+from .nn import Transformer, create_causal_mask, create_combined_mask, create_padding_mask
 from .schedules import cosine_lambda, cosine_schedule, noam_lambda, noam_schedule
-from .transformer import Transformer
 
 __all__ = [
     "Hypothesis",
@@ -15,6 +20,8 @@ __all__ = [
     "ProjectedLabelSmoothingLoss",
     "Seq2SeqTransformer",
     "TrainingDoctor",
+    "TranslationDataModule",
+    "TranslationMetrics",
     "Transformer",
     "compute_loss",
     "cosine_lambda",

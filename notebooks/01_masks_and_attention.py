@@ -22,7 +22,7 @@
 # masks for a real batch, then trains a small model and shows that its attention weights are
 # exactly zero wherever the masks say so.
 #
-# One convention holds throughout `lightning_transformer.masks`: masks are boolean and
+# One convention holds throughout `lightning_transformer.nn.masks`: masks are boolean and
 # **`True` means "may attend"**. They broadcast against attention scores of shape
 # `(batch, heads, queries, keys)` and go to `F.scaled_dot_product_attention` as they are.
 
@@ -45,7 +45,7 @@ from lightning_transformer import (
     Seq2SeqTransformer, create_causal_mask, create_combined_mask, create_padding_mask, greedy_decode,
 )
 from lightning_transformer.data import TranslationDataModule
-from lightning_transformer.sampler import collate
+from lightning_transformer.data import collate
 
 seed_everything(0)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)

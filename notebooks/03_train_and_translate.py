@@ -41,8 +41,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_transformer import Seq2SeqTransformer, TrainingDoctor, beam_search, greedy_decode, tune_malloc
 from lightning_transformer.data import TranslationDataModule
-from lightning_transformer.metrics import TranslationMetrics
-from lightning_transformer.translate import load_translator, translate
+from lightning_transformer.callbacks.metrics import TranslationMetrics
+from lightning_transformer.cli.translate import load_translator, translate
 
 tune_malloc()  # keeps per-step buffers allocated between steps: ~10% faster on CPU (the CLI does this too)
 seed_everything(1)

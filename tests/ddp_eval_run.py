@@ -14,10 +14,9 @@ import torch
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_transformer import Seq2SeqTransformer
-from lightning_transformer.data import TranslationDataModule
-from lightning_transformer.metrics import TranslationMetrics
-from lightning_transformer.sampler import TokenBudgetBatchSampler, collate
-from lightning_transformer.translate import TranslationWriter
+from lightning_transformer.callbacks import TranslationWriter
+from lightning_transformer.callbacks.metrics import TranslationMetrics
+from lightning_transformer.data import TokenBudgetBatchSampler, TranslationDataModule, collate
 
 VOCAB, MAX_TOKENS = 556, 150
 MODEL = dict(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=32, nhead=4, num_encoder_layers=1,

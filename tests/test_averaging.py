@@ -4,8 +4,8 @@ import sys
 import pytest
 import torch
 
-from lightning_transformer.averaging import average_checkpoints, last_checkpoints
-from lightning_transformer.tokenizer import Tokenizer
+from lightning_transformer.cli.average import average_checkpoints, last_checkpoints
+from lightning_transformer.data.tokenizer import Tokenizer
 
 
 def step_checkpoints(root):
@@ -82,5 +82,5 @@ def test_checkpoints_with_another_tokenizer_are_refused(small_run, tmp_path):
 def test_checkpoints_of_another_model_class_are_refused(small_run, tmp_path):
     path = step_checkpoints(small_run[0])[-1]
     other = edited_copy(path, tmp_path, "other.ckpt", lambda c: c.update(model_class="somewhere.Else"))
-    with pytest.raises(ValueError, match=r"saved by somewhere\.Else, .* by lightning_transformer\.model\.Seq2Seq"):
+    with pytest.raises(ValueError, match=r"saved by somewhere\.Else, .* by lightning_transformer\.modules\.seq2seq\.Seq2Seq"):
         average_checkpoints([path, other])

@@ -22,11 +22,12 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_transformer import Seq2SeqTransformer
-from lightning_transformer.averaging import average_checkpoints
-from lightning_transformer.checkpoint import ResumeRandomState, UnsafeCheckpointError, load_checkpoint
+from lightning_transformer.callbacks import ResumeRandomState
+from lightning_transformer.checkpoint import UnsafeCheckpointError, load_checkpoint
 from lightning_transformer.cli import main
-from lightning_transformer.tokenizer import Tokenizer
-from lightning_transformer.translate import load_translator
+from lightning_transformer.cli.average import average_checkpoints
+from lightning_transformer.cli.translate import load_translator
+from lightning_transformer.data.tokenizer import Tokenizer
 
 
 class RunsCode:

@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from tiny_corpus import EN, ES, write_tsv  # noqa: E402
 
-from lightning_transformer import data as data_module  # noqa: E402
 from lightning_transformer.data import TranslationDataModule  # noqa: E402
-from lightning_transformer.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
+from lightning_transformer.data import translation as data_module  # noqa: E402
+from lightning_transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
 MULTI30K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "multi30k"
 OPENED: list[list[str]] = []  # lists that record the paths of opened files, innermost last

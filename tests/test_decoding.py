@@ -11,9 +11,9 @@ from lightning_transformer import (
     greedy_decode,
     length_penalty,
 )
-from lightning_transformer.decoding import max_output_lengths
-from lightning_transformer.translate import main as translate_main
-from lightning_transformer.translate import translate
+from lightning_transformer.cli.translate import main as translate_main
+from lightning_transformer.cli.translate import translate
+from lightning_transformer.generation.decoding import max_output_lengths
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 
@@ -182,7 +182,7 @@ def test_the_clamp_is_exactly_the_positional_table():
 
 
 def tiny_tokenizer():
-    from lightning_transformer.tokenizer import Tokenizer
+    from lightning_transformer.data.tokenizer import Tokenizer
 
     return Tokenizer.train(["the cat sat on the mat .", "where is the station ?"] * 10, vocab_size=300)
 

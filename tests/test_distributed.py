@@ -25,7 +25,7 @@ from lightning_transformer.cli import TransformerCLI
 
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 EVAL_SCRIPT = Path(__file__).with_name("ddp_eval_run.py")
-CORPUS = Path(__file__).resolve().parents[1] / "lightning_transformer" / "corpus"
+CORPUS = Path(__file__).resolve().parents[1] / "lightning_transformer" / "data" / "corpus"
 MULTINODE = Path(__file__).resolve().parents[1] / "configs" / "multinode.yaml"
 
 

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer, seed_everythin
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_transformer import Seq2SeqTransformer, TrainingDoctor, create_combined_mask, create_padding_mask
-from lightning_transformer.doctor import TrainingDiverged, TrainingProblem, TrainingWarning
+from lightning_transformer.callbacks.doctor import TrainingDiverged, TrainingProblem, TrainingWarning
 
 TINY = dict(src_vocab_size=20, tgt_vocab_size=20, d_model=32, nhead=4, num_encoder_layers=2,
             num_decoder_layers=2, dim_feedforward=64)

@@ -16,9 +16,12 @@ from lightning.pytorch import Callback, Trainer
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_transformer import (
-    ProjectedLabelSmoothingLoss, Seq2SeqTransformer, create_combined_mask, create_padding_mask,
+    ProjectedLabelSmoothingLoss,
+    Seq2SeqTransformer,
+    create_combined_mask,
+    create_padding_mask,
 )
-from lightning_transformer.layers import MultiHeadAttention
+from lightning_transformer.nn.layers import MultiHeadAttention
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 LOW_PRECISION = [

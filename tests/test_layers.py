@@ -7,8 +7,12 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_transformer import create_combined_mask, create_padding_mask
-from lightning_transformer.layers import (
-    Dropout, MultiHeadAttention, matmul_attention, sinusoidal_positions, use_matmul_attention,
+from lightning_transformer.nn.layers import (
+    Dropout,
+    MultiHeadAttention,
+    matmul_attention,
+    sinusoidal_positions,
+    use_matmul_attention,
 )
 
 

@@ -3,8 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_transformer import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
-from lightning_transformer import losses
+from lightning_transformer import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss, losses
 
 
 def explicit_smoothed_loss(logits, targets, smoothing, pad=0):

@@ -8,10 +8,10 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
-from lightning_transformer import metrics
+from lightning_transformer.callbacks import metrics
+from lightning_transformer.callbacks.metrics import TranslationMetrics
 from lightning_transformer.data import TranslationDataModule
-from lightning_transformer.metrics import TranslationMetrics
-from lightning_transformer.tokenizer import Tokenizer
+from lightning_transformer.data.tokenizer import Tokenizer
 
 
 def evaluate(model, data, callback, **kwargs):

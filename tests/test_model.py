@@ -3,13 +3,17 @@ import copy
 import pytest
 import torch
 from copy_task import CopyTaskDataModule
-from test_losses import CountOps
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_losses import CountOps
 from torch.utils.data import DataLoader
 
 from lightning_transformer import (
-    Seq2SeqTransformer, create_combined_mask, create_padding_mask, greedy_decode, noam_schedule,
+    Seq2SeqTransformer,
+    create_combined_mask,
+    create_padding_mask,
+    greedy_decode,
+    noam_schedule,
 )
 from lightning_transformer.losses import compute_loss
 

@@ -6,7 +6,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 from tiny_corpus import EN, ES, expected_pairs, write_disk, write_jsonl, write_raw_jsonl, write_text, write_tsv  # noqa: E402
 
-from lightning_transformer.readers import open_corpus  # noqa: E402
+from lightning_transformer.data.readers import open_corpus  # noqa: E402
 
 
 @pytest.fixture

@@ -2,10 +2,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-
 from datasets import Dataset
 
-from lightning_transformer.sampler import ResumableDataLoader, SplitRows, TokenBudgetBatchSampler, collate, is_filler
+from lightning_transformer.data import ResumableDataLoader, SplitRows, TokenBudgetBatchSampler, collate, is_filler
 
 LENGTHS = np.random.default_rng(0).integers(2, 60, size=3000)
 

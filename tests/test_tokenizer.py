@@ -4,7 +4,7 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
-from lightning_transformer.tokenizer import Tokenizer
+from lightning_transformer.data.tokenizer import Tokenizer
 
 SENTENCES = [
     "The cat sat on the mat.",

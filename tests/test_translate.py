@@ -7,8 +7,9 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_transformer import Seq2SeqTransformer
-from lightning_transformer.averaging import average_checkpoints
-from lightning_transformer.translate import TranslationWriter, load_translator, tokenizer_from_checkpoint, translate
+from lightning_transformer.callbacks import TranslationWriter
+from lightning_transformer.cli.average import average_checkpoints
+from lightning_transformer.cli.translate import load_translator, tokenizer_from_checkpoint, translate
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["I am hungry.", "Where is the station?", "Tom likes cats.", "Go."]
@@ -98,7 +99,7 @@ def test_predict_subcommand_writes_translations_in_split_order(demo_run, tmp_pat
         [sys.executable, "-m", "lightning_transformer.cli", "predict", "--config", str(ROOT / "configs/demo.yaml"),
          "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "1", "--trainer.enable_progress_bar",
          "false", "--trainer.logger", "false", "--model.init_args.beam_size", "1",
-         "--trainer.callbacks+=lightning_transformer.translate.TranslationWriter",
+         "--trainer.callbacks+=lightning_transformer.callbacks.TranslationWriter",
          f"--trainer.callbacks.output={output}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
@@ -160,7 +161,7 @@ def test_checkpoints_from_before_the_class_was_recorded_load_the_base_class(smal
 
 @pytest.mark.parametrize("name, message", [
     ("nowhere.Missing", "nowhere.Missing, which cannot be imported .*No module named 'nowhere'.*PYTHONPATH"),
-    ("lightning_transformer.model.Missing", "cannot be imported .*has no attribute 'Missing'"),
+    ("lightning_transformer.modules.seq2seq.Missing", "cannot be imported .*has no attribute 'Missing'"),
     ("collections.OrderedDict", "collections.OrderedDict, which is not a Seq2SeqTransformer subclass"),
 ])
 def test_unimportable_or_foreign_model_classes_are_refused(small_run, tmp_path, name, message):

@@ -9,7 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 
-from .sampler import is_filler
+from ..data.batch import is_filler
 
 
 def gather_unique(outputs: dict[int, str]) -> dict[int, str]:

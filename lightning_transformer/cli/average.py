@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, stored_tokenizer
+from ..checkpoint import load_checkpoint, stored_tokenizer
 
 
 def average_checkpoints(paths: Sequence[str | Path]) -> dict:

@@ -37,7 +37,7 @@ class Tokenizer:
             if actual_id != expected_id:
                 raise ValueError(
                     f"The tokenizer maps {token!r} to id {actual_id}, expected {expected_id}. "
-                    "Train it with lightning_transformer.tokenizer.Tokenizer.train so special ids are fixed."
+                    "Train it with lightning_transformer.data.tokenizer.Tokenizer.train so special ids are fixed."
                 )
         self._tokenizer = hf_tokenizer
         # The normalizer's JSON; tokenizers saved before normalization became an option hold NFKC alone.

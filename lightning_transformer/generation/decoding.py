@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .masks import create_padding_mask
+from ..nn.masks import create_padding_mask
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Building blocks of the encoder-decoder: attention, feed-forward, positions, layers.
 
 Tensor shapes: ``B`` batch, ``S`` source length, ``T`` target length, ``D`` model width,
-``H`` heads. Masks are boolean with ``True`` = may attend (see :mod:`lightning_transformer.masks`),
+``H`` heads. Masks are boolean with ``True`` = may attend (see :mod:`lightning_transformer.nn.masks`),
 or float and added to the scores, ``-inf`` where masked (the ``nn.Transformer`` convention).
 """
 

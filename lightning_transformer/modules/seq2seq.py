@@ -17,13 +17,13 @@ from lightning.pytorch import Callback, LightningModule
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from .checkpoint import ResumeRandomState
-from .decoding import beam_search
-from .losses import ProjectedLabelSmoothingLoss
-from .masks import create_combined_mask, create_padding_mask
-from .sampler import is_filler, unpack_batch
-from .schedules import cosine_length, cosine_schedule, noam_schedule, paper_adam
-from .transformer import Transformer
+from ..callbacks.resume import ResumeRandomState
+from ..data.batch import is_filler, unpack_batch
+from ..generation.decoding import beam_search
+from ..losses import ProjectedLabelSmoothingLoss
+from ..nn.masks import create_combined_mask, create_padding_mask
+from ..nn.transformer import Transformer
+from ..schedules import cosine_length, cosine_schedule, noam_schedule, paper_adam
 
 
 class Seq2SeqTransformer(LightningModule):

@@ -15,8 +15,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from .batch import SplitRows, collate
 from .readers import open_corpus
-from .sampler import ResumableDataLoader, SplitRows, TokenBudgetBatchSampler, collate
+from .sampler import ResumableDataLoader, TokenBudgetBatchSampler
 from .tokenizer import PAD_ID, Tokenizer
 
 _COLUMNS = ("src_ids", "tgt_ids", "length", "index")

@@ -11,14 +11,13 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, stored_tokenizer
-from .metrics import gather_unique
-from .model import Seq2SeqTransformer
-from .tokenizer import Tokenizer
+from ..callbacks.writers import write_atomically
+from ..checkpoint import load_checkpoint, stored_tokenizer
+from ..data.tokenizer import Tokenizer
+from ..modules.seq2seq import Seq2SeqTransformer
 
 
 def tokenizer_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> Tokenizer:
@@ -102,37 +101,6 @@ def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequen
     return outputs
 
 
-class TranslationWriter(BasePredictionWriter):
-    """Write ``predict`` output as detokenised text, one line per sentence in split order.
-
-    Args:
-        output: file to write; it must not exist yet (nothing is overwritten).
-    """
-
-    def __init__(self, output: str) -> None:
-        super().__init__(write_interval="epoch")
-        self.output = Path(output)
-        if self.output.exists():
-            raise FileExistsError(f"{self.output} exists; choose another output file, predictions never overwrite one.")
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        tokenizer = trainer.datamodule.tokenizer
-        lines = {}
-        for batch in predictions:
-            for position, tokens in enumerate(batch["tokens"]):
-                index = batch["index"][position] if batch["index"] is not None else len(lines)
-                lines[index] = tokenizer.decode(tokens)
-        lines = gather_unique(lines)
-        if trainer.is_global_zero:
-            _write_atomically(self.output, "".join(lines[i] + "\n" for i in sorted(lines)))
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _read_lines(source: Iterable[str]) -> list[str]:
     return [line.rstrip("\n") for line in source]
 
@@ -167,4 +135,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     if output_path is None:
         sys.stdout.write(text)
     else:
-        _write_atomically(output_path, text)
+        write_atomically(output_path, text)

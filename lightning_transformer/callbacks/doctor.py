@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from statistics import fmean
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from .model import Seq2SeqTransformer
+if TYPE_CHECKING:
+    from ..modules.seq2seq import Seq2SeqTransformer
 
 
 class TrainingProblem(RuntimeError):
@@ -85,6 +87,8 @@ class TrainingDoctor(Callback):
         if not self.check_masks or self._checked_masks:
             return
         self._checked_masks = True
+        from ..modules.seq2seq import Seq2SeqTransformer  # here, not above: the model imports .resume
+
         if not isinstance(pl_module, Seq2SeqTransformer):
             rank_zero_info(f"TrainingDoctor: {type(pl_module).__name__} is no Seq2SeqTransformer; mask probe skipped.")
         elif isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):

@@ -7,12 +7,12 @@ import sys
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from . import averaging, translate
+from ..checkpoint import check_checkpoint_path
+from ..modules.seq2seq import Seq2SeqTransformer
+from . import average, translate
 from .allocator import tune_malloc
-from .checkpoint import check_checkpoint_path
-from .model import Seq2SeqTransformer
 
-TOOLS = {"translate": translate.main, "average": averaging.main}
+TOOLS = {"translate": translate.main, "average": average.main}
 
 
 class TransformerCLI(LightningCLI):

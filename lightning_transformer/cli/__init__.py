@@ -1,0 +1,5 @@
+"""``lightning-transformer``: LightningCLI (fit, validate, test, predict) and the translate and average commands."""
+
+from .main import TransformerCLI, main
+
+__all__ = ["TransformerCLI", "main"]

@@ -1,0 +1,5 @@
+"""The LightningModules: steps, masks, loss, logging and optimisation around an ``nn`` network."""
+
+from .seq2seq import Seq2SeqTransformer
+
+__all__ = ["Seq2SeqTransformer"]
