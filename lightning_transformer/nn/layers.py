@@ -247,9 +247,13 @@ class EncoderLayer(nn.Module):
         self.attn_block = _Residual(d_model, dropout, norm_first)
         self.ff_block = _Residual(d_model, dropout, norm_first)
 
-    def forward(self, x: Tensor, src_mask: Tensor | None) -> Tensor:
-        """``(B, S, D)`` with ``src_mask`` ``(B, 1, 1, S)`` -> ``(B, S, D)``."""
-        x = self.attn_block(x, lambda h: self.self_attn(h, src_mask))
+    def forward(self, x: Tensor, src_mask: Tensor | None, cache: dict[str, Tensor] | None = None) -> Tensor:
+        """``(B, S, D)`` with ``src_mask`` ``(B, 1, 1, S)`` -> ``(B, S, D)``.
+
+        Under a causal mask this is a decoder-only layer; ``cache`` (updated in place) then makes
+        ``x`` only the new positions, as in :class:`DecoderLayer`.
+        """
+        x = self.attn_block(x, lambda h: self.self_attn(h, src_mask, cache=cache))
         return self.ff_block(x, self.feed_forward)
 
 

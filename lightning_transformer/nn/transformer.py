@@ -9,6 +9,30 @@ from torch.utils.checkpoint import checkpoint
 from .layers import DecoderLayer, Embeddings, EncoderLayer
 
 
+def init_weights(network: nn.Module, pad_token_id: int) -> None:
+    """Xavier-uniform linear weights, zero biases, and ``N(0, d^-1/2)`` embeddings with a zero padding row."""
+    for module in network.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            # N(0, d^-1/2) times the sqrt(d) scale gives unit-variance inputs (fairseq's choice).
+            nn.init.normal_(module.weight, std=module.embedding_dim**-0.5)
+            nn.init.zeros_(module.weight[pad_token_id])
+
+
+def run_layer(layer: nn.Module, checkpointed: bool, *args, **kwargs) -> Tensor:
+    """``layer(*args, **kwargs)``, recomputed in backward instead of storing activations when ``checkpointed``.
+
+    Only while gradients are recorded and without a decoding cache, which recomputation would update twice.
+    """
+    if checkpointed and torch.is_grad_enabled() and kwargs.get("cache") is None:
+        # Non-reentrant checkpointing replays dropout with the saved RNG state: same values, same grads.
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
+
+
 class Transformer(nn.Module):
     """Encoder-decoder Transformer of "Attention Is All You Need".
 
@@ -74,20 +98,9 @@ class Transformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(d_model) if norm_first else nn.Identity()
         self.generator = nn.Linear(d_model, tgt_vocab_size, bias=False)
         self.activation_checkpointing = activation_checkpointing
-        self._reset_parameters(pad_token_id)
+        init_weights(self, pad_token_id)
         if tie_output_embeddings:
             self.generator.weight = tgt_table.weight
-
-    def _reset_parameters(self, pad_token_id: int) -> None:
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                # N(0, d^-1/2) times the sqrt(d) scale gives unit-variance inputs (fairseq's choice).
-                nn.init.normal_(module.weight, std=module.embedding_dim**-0.5)
-                nn.init.zeros_(module.weight[pad_token_id])
 
     def encode(self, src: Tensor, src_mask: Tensor | None) -> Tensor:
         """Source ids ``(B, S)`` and mask ``(B, 1, 1, S)`` -> memory ``(B, S, D)``."""
@@ -97,10 +110,7 @@ class Transformer(nn.Module):
         return self.encoder_norm(x)
 
     def _run_layer(self, layer: nn.Module, *args, **kwargs) -> Tensor:
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled() and kwargs.get("cache") is None:
-            # Non-reentrant checkpointing replays dropout with the saved RNG state: same values, same grads.
-            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
-        return layer(*args, **kwargs)
+        return run_layer(layer, self.activation_checkpointing and self.training, *args, **kwargs)
 
     def init_cache(self) -> list[dict[str, dict[str, Tensor]]]:
         """Empty incremental-decoding state: per decoder layer, self- and cross-attention keys/values."""
