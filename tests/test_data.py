@@ -15,7 +15,6 @@ import torch  # noqa: E402
 from tiny_corpus import EN, ES, write_tsv  # noqa: E402
 
 from lightning_transformer.data import TranslationDataModule  # noqa: E402
-from lightning_transformer.data import translation as data_module  # noqa: E402
 from lightning_transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer  # noqa: E402
 
 MULTI30K = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "multi30k"
@@ -101,7 +100,7 @@ def test_second_setup_reuses_cached_tokenizer_and_tokens(folder_module, monkeypa
     first = folder_module()
     first.setup("fit")
     monkeypatch.setattr(Tokenizer, "train", forbidden)
-    monkeypatch.setattr(data_module, "_encode", forbidden)
+    monkeypatch.setattr(TranslationDataModule, "encode", forbidden)
     second = folder_module()
     second.setup("fit")
     assert second.tokenizer == first.tokenizer
@@ -113,7 +112,7 @@ def test_setup_on_a_warm_cache_opens_no_corpus_file(folder_module, tmp_path, mon
     age(tmp_path / "corpus")
     folder_module().prepare_data()
     monkeypatch.setattr(Tokenizer, "train", forbidden)
-    monkeypatch.setattr(data_module, "_encode", forbidden)
+    monkeypatch.setattr(TranslationDataModule, "encode", forbidden)
     OPENED.append([])
     try:
         rank = folder_module()
@@ -143,7 +142,7 @@ def test_a_touched_or_copied_corpus_reuses_the_cache(folder_module, tmp_path, mo
     first = folder_module()
     first.setup("fit")
     monkeypatch.setattr(Tokenizer, "train", forbidden)
-    monkeypatch.setattr(data_module, "_encode", forbidden)
+    monkeypatch.setattr(TranslationDataModule, "encode", forbidden)
     os.utime(tmp_path / "corpus" / "train.tsv")
     copy = shutil.copytree(tmp_path / "corpus", tmp_path / "copy")
     for dataset in (tmp_path / "corpus", copy):

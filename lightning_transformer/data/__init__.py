@@ -1,12 +1,16 @@
-"""Data: corpus readers, the tokenizer, token-budget batching, the batch contract and the data module."""
+"""Data: corpus readers, the tokenizer, token-budget batching, the batch contract and the data modules."""
 
-from .batch import SplitRows, collate, is_filler, unpack_batch
+from .base import TokenizedDataModule
+from .batch import SplitRows, collate, collate_lines, is_filler, unpack_batch
 from .readers import open_corpus
 from .sampler import ResumableDataLoader, TokenBudgetBatchSampler
+from .text import LanguageModelDataModule
+from .text_readers import open_text
 from .tokenizer import Tokenizer
 from .translation import TranslationDataModule
 
 __all__ = [
-    "ResumableDataLoader", "SplitRows", "TokenBudgetBatchSampler", "Tokenizer", "TranslationDataModule",
-    "collate", "is_filler", "open_corpus", "unpack_batch",
+    "LanguageModelDataModule", "ResumableDataLoader", "SplitRows", "TokenBudgetBatchSampler", "TokenizedDataModule",
+    "Tokenizer", "TranslationDataModule", "collate", "collate_lines", "is_filler", "open_corpus", "open_text",
+    "unpack_batch",
 ]

@@ -34,6 +34,16 @@ def collate(examples: dict[str, list], pad_id: int) -> Batch:
     return batch
 
 
+def collate_lines(examples: dict[str, list], pad_id: int = 0) -> Batch:
+    """A language model's batch: ``{"ids": [...], "index": [...]}`` -> ``{"tgt": (B, T), "index": (B,)}``, keeping ``filler``."""
+    batch = {"tgt": pad_sequence([torch.tensor(ids) for ids in examples["ids"]], batch_first=True,
+                                 padding_value=pad_id),
+             "index": torch.tensor(examples["index"])}
+    if examples.get("filler"):
+        batch["filler"] = True
+    return batch
+
+
 def is_filler(batch) -> bool:
     """Whether ``batch`` only keeps its rank in step with the others and must count nowhere."""
     return isinstance(batch, Mapping) and bool(batch.get("filler", False))

@@ -83,8 +83,8 @@ def open_corpus(
         if missing:
             raise FileNotFoundError(f"{folder} has no {' or '.join(missing)} split for format {format!r}. Add the "
                                     f"files (split names: {', '.join(SPLIT_NAMES)}) or point `dataset` elsewhere.")
-        key = [f"{path.relative_to(folder)}:{_content_hash(path, hashes)}" for path in files]
-    cache = cache_root / _digest([READER_VERSION, format, src_lang, tgt_lang, *key])
+        key = [f"{path.relative_to(folder)}:{content_hash(path, hashes)}" for path in files]
+    cache = cache_root / cache_key([READER_VERSION, format, src_lang, tgt_lang, *key])
     splits = {}
     for split, read in readers.items():
         path = cache / f"{split}-text.arrow"
@@ -117,16 +117,16 @@ def detect_format(dataset: str) -> str:
     )
 
 
-def _digest(parts: list[str]) -> str:
+def cache_key(parts: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _content_hash(path: Path, hashes: Path) -> str:
+def content_hash(path: Path, hashes: Path) -> str:
     """SHA-256 of the file's bytes, remembered under the file's identity so that unchanged files are read once."""
     stat = path.stat()
     # ctime moves on every write, even one that restores size and mtime afterwards.
     identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
-    remembered = hashes / _digest([identity])
+    remembered = hashes / cache_key([identity])
     if remembered.is_file():
         return remembered.read_text()
     digest = hashlib.sha256()
@@ -165,7 +165,7 @@ def _write_split(path: Path, pairs: Pairs, split: str, where: str) -> None:
         partial_path.unlink(missing_ok=True)
 
 
-def _find(folder: Path, stem: str) -> dict[str, Path]:
+def find_split_files(folder: Path, stem: str) -> dict[str, Path]:
     """Map split names to files named ``{split}{stem}`` or ``{split}{stem}.gz``."""
     found = {}
     for disk_name, split in SPLIT_NAMES.items():
@@ -181,8 +181,8 @@ def _file_sources(
     """Map split names to their input files and a reader of their pairs."""
     if format != "text":
         stem, read = (".jsonl", _jsonl_pairs) if format == "jsonl" else (".tsv", _tsv_pairs)
-        return {split: ([path], partial(read, path, src_lang, tgt_lang)) for split, path in _find(folder, stem).items()}
-    sources, targets = _find(folder, f".{src_lang}"), _find(folder, f".{tgt_lang}")
+        return {split: ([path], partial(read, path, src_lang, tgt_lang)) for split, path in find_split_files(folder, stem).items()}
+    sources, targets = find_split_files(folder, f".{src_lang}"), find_split_files(folder, f".{tgt_lang}")
     for split in sorted(sources.keys() ^ targets.keys()):
         present, lang = (sources[split], tgt_lang) if split in sources else (targets[split], src_lang)
         stem = present.name.split(".")[0]
@@ -191,7 +191,7 @@ def _file_sources(
     return {split: ([src, targets[split]], partial(_text_pairs, src, targets[split])) for split, src in sources.items()}
 
 
-def _lines(path: Path) -> Iterator[str]:
+def read_lines(path: Path) -> Iterator[str]:
     """Yield the stripped lines of a UTF-8 text file, gzip-compressed or not."""
     opener = gzip.open if path.suffix == ".gz" else open
     number = 0
@@ -212,7 +212,7 @@ def _lines(path: Path) -> Iterator[str]:
 
 def _text_pairs(src_path: Path, tgt_path: Path) -> Pairs:
     src_count = tgt_count = 0
-    for src, tgt in zip_longest(_lines(src_path), _lines(tgt_path)):
+    for src, tgt in zip_longest(read_lines(src_path), read_lines(tgt_path)):
         src_count += src is not None
         tgt_count += tgt is not None
         if src_count == tgt_count:
@@ -223,7 +223,7 @@ def _text_pairs(src_path: Path, tgt_path: Path) -> Pairs:
 
 
 def _tsv_pairs(path: Path, src_lang: str, tgt_lang: str) -> Pairs:
-    lines = _lines(path)
+    lines = read_lines(path)
     columns = next(lines).split("\t")
     for lang in (src_lang, tgt_lang):
         if lang not in columns:
@@ -239,7 +239,7 @@ def _tsv_pairs(path: Path, src_lang: str, tgt_lang: str) -> Pairs:
 
 
 def _jsonl_pairs(path: Path, src_lang: str, tgt_lang: str) -> Pairs:
-    for number, line in enumerate(_lines(path), start=1):
+    for number, line in enumerate(read_lines(path), start=1):
         try:
             # Control characters inside strings are taken as text, as the other formats do.
             record = json.loads(line, strict=False)
