@@ -36,12 +36,12 @@ import pandas as pd
 import torch
 import yaml
 from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_transformer import Seq2SeqTransformer, TrainingDoctor, beam_search, greedy_decode, tune_malloc
 from lightning_transformer.data import TranslationDataModule
-from lightning_transformer.callbacks.metrics import TranslationMetrics
+from lightning_transformer.callbacks import TokenThroughput, TranslationMetrics
 from lightning_transformer.cli.translate import load_translator, translate
 
 tune_malloc()  # keeps per-step buffers allocated between steps: ~10% faster on CPU (the CLI does this too)
@@ -87,7 +87,8 @@ trainer = Trainer(
     val_check_interval=val_every, check_val_every_n_epoch=None, limit_val_batches=3 if QUICK else None,
     use_distributed_sampler=False,  # the data module shards batches per rank itself
     logger=CSVLogger(RUNS, name="train_and_translate"), log_every_n_steps=10,
-    callbacks=[metrics, ModelCheckpoint(monitor="val/loss", save_last=True), TrainingDoctor()],
+    callbacks=[metrics, ModelCheckpoint(monitor="val/loss", save_last=True), TrainingDoctor(),
+               LearningRateMonitor(logging_interval="step"), TokenThroughput()],
     enable_progress_bar=False, enable_model_summary=False,
 )
 print(f"{sum(p.numel() for p in model.parameters()):,} parameters; logs in {trainer.logger.log_dir}")
@@ -106,6 +107,7 @@ print({name: f"{float(value):.4g}" for name, value in trainer.callback_metrics.i
 # %%
 logged = pd.read_csv(Path(trainer.logger.log_dir) / "metrics.csv")
 train_rows, val_rows = logged.dropna(subset=["train/loss"]), logged.dropna(subset=["val/nll"])
+lr_rows = logged.dropna(subset=["train/lr"])  # LearningRateMonitor's rows
 fig, axes = plt.subplots(1, 3, figsize=(14, 3))
 axes[0].plot(train_rows["step"], train_rows["train/loss"], label="train loss (smoothed)")
 axes[0].plot(val_rows["step"], val_rows["val/loss"], "o-", label="val loss (smoothed)")
@@ -114,7 +116,7 @@ axes[0].set(title="loss", xlabel="step", ylabel="nats per token")
 axes[0].legend()
 axes[1].plot(val_rows["step"], val_rows["val/ppl"], "o-")
 axes[1].set(title="validation perplexity", xlabel="step", yscale="log")
-axes[2].plot(train_rows["step"], train_rows["train/lr"])
+axes[2].plot(lr_rows["step"], lr_rows["train/lr"])
 axes[2].set(title="learning rate", xlabel="step")
 plt.tight_layout()
 plt.show()

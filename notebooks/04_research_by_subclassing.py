@@ -52,9 +52,12 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 # %% [markdown]
 # ## What a subclass keeps
 #
-# The step is the paper's recipe, one line per idea, and each line calls a hook:
+# The step is the paper's recipe, one line per idea, and each line calls a hook: `teacher_force`
+# shifts, masks and runs the network; `training_step`, shared by every module through
+# `TokenLevelModule`, takes the loss and logs it.
 
 # %%
+print(inspect.getsource(Seq2SeqTransformer.teacher_force))
 print(inspect.getsource(Seq2SeqTransformer.training_step))
 
 # %% [markdown]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -48,8 +48,8 @@ class PerRankMean(Seq2SeqTransformer):
     """The normalisation to rule out: each rank's mean loss weighs the same, whatever its tokens
     (what DDP gives a module whose training step returns a plain mean loss)."""
 
-    def token_sum_objective(self, mean_loss, tokens):
-        return mean_loss
+    def backward(self, loss, *args, **kwargs):
+        LightningModule.backward(self, loss, *args, **kwargs)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         pass

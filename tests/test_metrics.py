@@ -11,6 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning_transformer.callbacks import metrics
 from lightning_transformer.callbacks.metrics import TranslationMetrics
 from lightning_transformer.data import TranslationDataModule
+from lightning_transformer.data.batch import unpack_batch
 from lightning_transformer.data.tokenizer import Tokenizer
 
 
@@ -112,6 +113,7 @@ class _PerfectSystem:
     """A module whose "translation" of source ``[i]`` is reference ``i``'s token ids."""
 
     device = torch.device("cpu")
+    unpack_batch = staticmethod(unpack_batch)  # the callback reads batches through the module's hook
 
     def __init__(self, encoded):
         self.encoded, self.logged = encoded, {}

@@ -15,6 +15,7 @@ from lightning_transformer import (
     greedy_decode,
     noam_schedule,
 )
+from lightning_transformer.callbacks import TokenThroughput
 from lightning_transformer.losses import compute_loss
 
 TINY = dict(src_vocab_size=20, tgt_vocab_size=20, d_model=32, nhead=4, num_encoder_layers=2,
@@ -377,15 +378,17 @@ def test_evaluation_uses_an_overridden_loss_hook(hook):
 def test_the_step_hooks_read_no_device_value_on_the_host_after_an_epochs_first_batch(tmp_path):
     """A host read (``int``, ``bool``, ``item``) of a device tensor waits for the GPU: the step path has
     none but the all-padding check of each epoch's first batch."""
-    model, reads = tiny_model(), []
-    for hook in ("training_step", "on_before_optimizer_step", "on_train_batch_end"):
-        def counted(*args, _hook=getattr(model, hook), **kwargs):
+    model, throughput, reads = tiny_model(), TokenThroughput(), []
+    hooks = [(model, name) for name in ("training_step", "backward", "on_before_optimizer_step", "on_train_batch_end")]
+    for owner, hook in hooks + [(throughput, "on_train_batch_end")]:
+        def counted(*args, _hook=getattr(owner, hook), **kwargs):
             with CountOps() as ops:
                 result = _hook(*args, **kwargs)
             reads.extend(name for name, _ in ops.calls if name == "_local_scalar_dense")
             return result
-        setattr(model, hook, counted)
-    trainer(tmp_path, max_steps=4, log_every_n_steps=100).fit(model, CopyTaskDataModule(num_samples=64, batch_size=16))
+        setattr(owner, hook, counted)
+    trainer(tmp_path, max_steps=4, log_every_n_steps=100, callbacks=[throughput]).fit(
+        model, CopyTaskDataModule(num_samples=64, batch_size=16))
     assert len(reads) == 1
 
 

@@ -1,8 +1,9 @@
-"""Callbacks: BLEU and chrF, the training doctor, the random state in checkpoints, prediction writers."""
+"""Callbacks: BLEU and chrF, the training doctor, the random state in checkpoints, throughput, prediction writers."""
 
 from .doctor import TrainingDoctor
 from .metrics import TranslationMetrics
 from .resume import ResumeRandomState
+from .throughput import TokenThroughput
 from .writers import TranslationWriter
 
-__all__ = ["ResumeRandomState", "TrainingDoctor", "TranslationMetrics", "TranslationWriter"]
+__all__ = ["ResumeRandomState", "TokenThroughput", "TrainingDoctor", "TranslationMetrics", "TranslationWriter"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import sacrebleu
 import torch
 import torch.distributed as dist
@@ -63,10 +65,12 @@ class TranslationMetrics(Callback):
     def _collect(self, trainer: Trainer, pl_module: LightningModule, batch) -> None:
         if not self._active(trainer) or is_filler(batch):
             return
-        if "index" not in batch:
-            raise KeyError("TranslationMetrics needs evaluation batches with an 'index' tensor (TranslationDataModule's).")
+        if not isinstance(batch, Mapping) or "index" not in batch:
+            raise KeyError("TranslationMetrics needs evaluation batches that are mappings with an 'index' tensor "
+                           "(TranslationDataModule's).")
         tokenizer = trainer.datamodule.tokenizer
-        hypotheses = pl_module.translate_ids(batch["src"], self.beam_size, self.length_penalty)
+        src = pl_module.unpack_batch(batch, need_target=False)[0]  # the model's hook reads its batch format
+        hypotheses = pl_module.translate_ids(src, self.beam_size, self.length_penalty)
         for index, hyps in zip(batch["index"].tolist(), hypotheses):
             self._outputs[index] = tokenizer.decode(hyps[0].tokens)
 

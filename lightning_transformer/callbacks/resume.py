@@ -30,7 +30,8 @@ class ResumeRandomState(Callback):
     Lightning saves no random state, so a resumed run would draw other dropout masks than the run it
     continues. Only rank 0 writes the checkpoint, so the states of all ranks are gathered into it
     (``rng_states[rank]``). Restoring at the first batch, not at load time, skips whatever draws
-    random numbers while the run sets up. ``Seq2SeqTransformer`` brings this callback along.
+    random numbers while the run sets up. ``TokenLevelModule`` (so every module of this package) brings this
+    callback along.
     """
 
     def __init__(self) -> None:

@@ -1,7 +1,8 @@
 """Autoregressive decoding, greedy and beam search, over a model's ``encode`` / ``decode`` hooks.
 
 The model is anything with ``encode(src, src_mask) -> memory``, ``init_cache()`` and
-``decode(tgt, memory, tgt_mask, src_mask, cache) -> logits`` (e.g. ``Seq2SeqTransformer``). Both
+``decode(tgt, memory, tgt_mask, src_mask, cache) -> logits`` (e.g. ``Seq2SeqTransformer``); its
+``make_masks(src, tgt_input)``, if it has one, builds the source mask. Both
 decoders feed one new token a step through the incremental key/value cache; cross-attention keys
 and values are projected once per sentence, and beam search hands ``decode`` one memory row per
 sentence for its ``beam_size`` consecutive hypotheses.
@@ -65,6 +66,14 @@ def _decoding_mode(function):
     return decode
 
 
+def _source_mask(model, src: Tensor, pad_token_id: int, bos_token_id: int) -> Tensor:
+    # Through the model's hook, so a subclass's masking holds when decoding too; the target mask it
+    # also returns is unused, since the cache feeds one position a step.
+    if hasattr(model, "make_masks"):
+        return model.make_masks(src, torch.full_like(src[:, :1], bos_token_id))[0]
+    return create_padding_mask(src, pad_token_id)
+
+
 def _reorder_cache(cache: list[dict], order: Tensor) -> None:
     for layer in cache:
         for name, state in layer.items():
@@ -87,7 +96,7 @@ def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token
     Returns:
         One list of token ids per sentence, without BOS, EOS or padding.
     """
-    src_mask = create_padding_mask(src, pad_token_id)
+    src_mask = _source_mask(model, src, pad_token_id, bos_token_id)
     memory, cache = model.encode(src, src_mask), model.init_cache()
     ys = torch.full((src.size(0), 1), bos_token_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
@@ -143,7 +152,7 @@ def beam_search(
         raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size} and {nbest}.")
     batch, k, device = src.size(0), beam_size, src.device
     limits = max_output_lengths(src, pad_token_id, max_len_a, max_len_b, max_positions)
-    src_mask = create_padding_mask(src, pad_token_id)
+    src_mask = _source_mask(model, src, pad_token_id, bos_token_id)
     memory = model.encode(src, src_mask)  # (B, S, D): the K beams of a sentence share its row
     cache = model.init_cache()
     tokens = torch.full((batch * k, 1), bos_token_id, dtype=torch.long, device=device)
