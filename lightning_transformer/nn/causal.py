@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .layers import Embeddings, EncoderLayer
 from .masks import create_padding_mask
-from .transformer import init_weights, run_layer
+from .transformer import check_dropouts, init_weights, run_layer
 
 Cache = dict[str, object]
 
@@ -53,10 +53,7 @@ class CausalTransformer(nn.Module):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("dropout", dropout), ("attention_dropout", attention_dropout),
-                            ("activation_dropout", activation_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
+        check_dropouts(dropout=dropout, attention_dropout=attention_dropout, activation_dropout=activation_dropout)
         if not 0 <= pad_token_id < vocab_size:
             raise ValueError(f"pad_token_id={pad_token_id} is outside the vocabulary [0, {vocab_size}); "
                              "use the tokenizer's pad id (0).")

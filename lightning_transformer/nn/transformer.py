@@ -9,6 +9,13 @@ from torch.utils.checkpoint import checkpoint
 from .layers import DecoderLayer, Embeddings, EncoderLayer
 
 
+def check_dropouts(**rates: float) -> None:
+    """Refuse a dropout rate outside ``[0, 1)``, by its argument name."""
+    for name, rate in rates.items():
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {rate}.")
+
+
 def init_weights(network: nn.Module, pad_token_id: int) -> None:
     """Xavier-uniform linear weights, zero biases, and ``N(0, d^-1/2)`` embeddings with a zero padding row."""
     for module in network.modules():
@@ -82,10 +89,7 @@ class Transformer(nn.Module):
                 f"share_embeddings needs one joint vocabulary, got src_vocab_size={src_vocab_size} and "
                 f"tgt_vocab_size={tgt_vocab_size}; train a joint tokenizer or set share_embeddings=False."
             )
-        for name, value in (("dropout", dropout), ("attention_dropout", attention_dropout),
-                            ("activation_dropout", activation_dropout)):
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {value}.")
+        check_dropouts(dropout=dropout, attention_dropout=attention_dropout, activation_dropout=activation_dropout)
         tgt_table = nn.Embedding(tgt_vocab_size, d_model, padding_idx=pad_token_id)
         src_table = tgt_table if share_embeddings else nn.Embedding(src_vocab_size, d_model, padding_idx=pad_token_id)
         self.src_embed = Embeddings(src_table, max_len, dropout)
