@@ -1,4 +1,4 @@
-"""Encoder-decoder Transformers for translation, trained the "Attention Is All You Need" way.
+"""Encoder-decoder and decoder-only Transformers, trained the "Attention Is All You Need" way.
 
 The subpackages are the layers of the design: ``nn`` (pure-torch building blocks and networks),
 ``losses`` and ``schedules``, ``modules`` (the LightningModules), ``data``, ``generation``
@@ -7,18 +7,21 @@ The subpackages are the layers of the design: ``nn`` (pure-torch building blocks
 
 from .callbacks import TrainingDoctor, TranslationMetrics
 from .cli.allocator import tune_malloc
-from .data import TranslationDataModule
+from .data import LanguageModelDataModule, TranslationDataModule
 from .generation import Hypothesis, beam_search, greedy_decode, length_penalty
 from .losses import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
-from .modules import Seq2SeqTransformer
+from .modules import CausalLMTransformer, Seq2SeqTransformer, TokenLevelModule
 from .nn import Transformer, create_causal_mask, create_combined_mask, create_padding_mask
 from .schedules import cosine_lambda, cosine_schedule, noam_lambda, noam_schedule
 
 __all__ = [
+    "CausalLMTransformer",
     "Hypothesis",
     "LabelSmoothingLoss",
+    "LanguageModelDataModule",
     "ProjectedLabelSmoothingLoss",
     "Seq2SeqTransformer",
+    "TokenLevelModule",
     "TrainingDoctor",
     "TranslationDataModule",
     "TranslationMetrics",

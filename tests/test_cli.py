@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -7,7 +8,6 @@ import pytest
 import torch
 import yaml
 
-from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +35,10 @@ def test_every_config_parses_and_builds_its_model(config, capsys, monkeypatch):
     for key, value in given["model"]["init_args"].items():
         expected = list(value) if isinstance(value, (list, tuple)) else value
         assert printed["model"]["init_args"][key] == expected, key
+    module_name, _, class_name = printed["model"]["class_path"].rpartition(".")
+    model_class = getattr(importlib.import_module(module_name), class_name)
     with torch.device("meta"):  # validates every hyperparameter without allocating the weights
-        model = Seq2SeqTransformer(**printed["model"]["init_args"])
+        model = model_class(**printed["model"]["init_args"])
     assert model.d_model == given["model"]["init_args"]["d_model"]
 
 

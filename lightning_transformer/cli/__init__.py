@@ -1,4 +1,4 @@
-"""``lightning-transformer``: LightningCLI (fit, validate, test, predict) and the translate and average commands."""
+"""``lightning-transformer``: LightningCLI (fit, validate, test, predict) and the translate, generate and average commands."""
 
 from .main import TransformerCLI, main
 

@@ -1,26 +1,42 @@
-"""``lightning-transformer``: ``fit|validate|test|predict`` through LightningCLI, plus ``translate`` and ``average``."""
+"""``lightning-transformer``: ``fit|validate|test|predict`` through LightningCLI, plus ``translate``, ``generate``
+and ``average``."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from ..checkpoint import check_checkpoint_path
-from ..modules.seq2seq import Seq2SeqTransformer
-from . import average, translate
+from ..modules.base import TokenLevelModule
+from . import average, generate, translate
 from .allocator import tune_malloc
 
-TOOLS = {"translate": translate.main, "average": average.main}
+TOOLS = {"translate": translate.main, "generate": generate.main, "average": average.main}
 
 
 class TransformerCLI(LightningCLI):
-    """LightningCLI that sizes the model's embeddings from the data module's vocabulary."""
+    """LightningCLI for any :class:`TokenLevelModule`, its embeddings sized by the data module's ``vocab_size``."""
 
-    def add_arguments_to_parser(self, parser) -> None:
-        for target in ("model.init_args.src_vocab_size", "model.init_args.tgt_vocab_size"):
-            parser.link_arguments("data.vocab_size", target, apply_on="instantiate")
+    #: What the models call their vocabulary sizes (Seq2SeqTransformer the first two, CausalLMTransformer the last).
+    vocab_arguments = ("src_vocab_size", "tgt_vocab_size", "vocab_size")
+
+    def before_instantiate_classes(self) -> None:
+        # Not jsonargparse's link_arguments: a link's target must exist in every model class, and a
+        # link to an argument the chosen class lacks still lands in its saved hyperparameters, so the
+        # checkpoint no longer rebuilds. Each model gets the data module's vocabulary under its own names.
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        vocab_size = ((config.get("data") or {}).get("init_args") or {}).get("vocab_size")
+        if vocab_size is None:
+            return
+        module_name, _, class_name = config.model.class_path.rpartition(".")
+        accepted = inspect.signature(getattr(importlib.import_module(module_name), class_name)).parameters
+        for name in self.vocab_arguments:
+            if name in accepted:
+                config.model.init_args[name] = vocab_size
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -41,7 +57,7 @@ def main(args: list[str] | None = None) -> None:
         TOOLS[argv[0]](argv[1:])
         return
     TransformerCLI(
-        Seq2SeqTransformer,
+        TokenLevelModule,
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,

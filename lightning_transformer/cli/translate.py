@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
@@ -15,63 +13,14 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from ..callbacks.writers import write_atomically
-from ..checkpoint import load_checkpoint, stored_tokenizer
 from ..data.tokenizer import Tokenizer
 from ..modules.seq2seq import Seq2SeqTransformer
-
-
-def tokenizer_from_checkpoint(checkpoint: dict, path: str | Path = "the checkpoint") -> Tokenizer:
-    """The tokenizer the data module stored in the checkpoint (as JSON)."""
-    json_text = stored_tokenizer(checkpoint)
-    if json_text is None:
-        raise ValueError(
-            f"{path} holds no tokenizer; it was not trained with TranslationDataModule. Translate with a checkpoint "
-            "from `lightning-transformer fit`."
-        )
-    return Tokenizer.from_str(json_text)
-
-
-def _model_class(checkpoint: dict, path: str | Path = "the checkpoint") -> type[Seq2SeqTransformer]:
-    """The class that saved ``checkpoint``: as recorded at save time, else as the CLI named it, else the base class."""
-    name = checkpoint.get("model_class") or checkpoint.get("hyper_parameters", {}).get("_class_path")
-    if name is None:
-        return Seq2SeqTransformer
-    module_name, _, class_name = name.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(
-            f"{path} was saved by model class {name}, which cannot be imported ({error}); install the package that "
-            "defines it, or put its folder on PYTHONPATH."
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Seq2SeqTransformer)):
-        raise ValueError(f"{path} names model class {name}, which is not a Seq2SeqTransformer subclass; "
-                         "translate only loads translation models saved by `lightning-transformer fit`.")
-    return cls
+from .loading import load_model, tokenizer_from_checkpoint  # noqa: F401 (re-exported for callers)
 
 
 def load_translator(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[Seq2SeqTransformer, Tokenizer]:
     """Model (in eval mode) and tokenizer from one checkpoint, the model rebuilt as the class that saved it."""
-    checkpoint = load_checkpoint(path, map_location)
-    cls = _model_class(checkpoint, path)
-    # Keys with a leading underscore are the CLI's bookkeeping (_class_path, _instantiator), not arguments.
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    parameters = inspect.signature(cls.__init__).parameters
-    unknown = sorted(hparams.keys() - parameters.keys())
-    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        raise ValueError(
-            f"{path} holds hyperparameters {unknown} that {cls.__qualname__} does not take, so it was saved by another "
-            "class or version; translate it with the code that trained it."
-        )
-    model = cls(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
-    tokenizer = tokenizer_from_checkpoint(checkpoint, path)
-    if tokenizer.vocab_size > model.tgt_vocab_size:
-        raise ValueError(
-            f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.tgt_vocab_size}; the checkpoint is inconsistent, retrain or use another checkpoint."
-        )
-    return model.eval().to(map_location), tokenizer
+    return load_model(path, Seq2SeqTransformer, map_location)
 
 
 def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequence[str], beam_size: int | None = None,

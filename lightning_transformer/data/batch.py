@@ -84,3 +84,17 @@ def unpack_batch(batch, need_target: bool = True) -> tuple[Tensor, Tensor | None
         f"a batch must be a (src, tgt) pair of token-id tensors or a mapping with 'src' and 'tgt', "
         f"got {type(batch).__name__}."
     )
+
+
+def unpack_lines(batch) -> Tensor:
+    """A language model's batch is ``(B, T)`` ids, a 1-tuple of them, or a mapping with key ``tgt``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        if "tgt" not in batch:
+            raise KeyError(f"the batch mapping lacks 'tgt', the (batch, length) token ids; got {sorted(batch)}.")
+        return batch["tgt"]
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return batch[0]
+    raise TypeError(f"a language model's batch is a (batch, length) id tensor, a 1-tuple of one, or {{'tgt': ids}}; "
+                    f"got {type(batch).__name__}.")
