@@ -1,4 +1,5 @@
-"""Trains a tiny ``Seq2SeqTransformer`` a few steps on 1 or 2 CPU processes; rank 0 saves the result.
+"""Trains a tiny ``Seq2SeqTransformer`` or ``CausalLMTransformer`` (``--model``) a few steps on 1 or 2
+CPU processes; rank 0 saves the result.
 
 Run by ``test_distributed.py`` as a script, because Lightning's DDP launcher starts the second
 rank by re-running ``sys.argv``.
@@ -13,19 +14,24 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_transformer import Seq2SeqTransformer
+from lightning_transformer import CausalLMTransformer, Seq2SeqTransformer
 
 # Adam's eps sits well above the float32 noise in the key biases' gradients (zero in exact arithmetic:
 # softmax ignores a bias shared by all keys), which a 1e-9 eps would turn into lr-sized steps.
-MODEL = dict(src_vocab_size=24, tgt_vocab_size=24, d_model=32, nhead=4, num_encoder_layers=2,
+VOCAB = 24
+MODEL = dict(src_vocab_size=VOCAB, tgt_vocab_size=VOCAB, d_model=32, nhead=4, num_encoder_layers=2,
              num_decoder_layers=2, dim_feedforward=64, dropout=0.0, scheduler="noam", warmup_steps=4,
              lr_factor=0.5, eps=1e-3)
+LM = dict(vocab_size=VOCAB, d_model=32, nhead=4, num_layers=2, dim_feedforward=64, dropout=0.0, max_len=32,
+          scheduler="noam", warmup_steps=4, lr_factor=0.5, eps=1e-3)
+MODELS = {"seq2seq": (Seq2SeqTransformer, MODEL), "lm": (CausalLMTransformer, LM)}
 PER_RANK_BATCH, STEPS = 2, 5
 BOS, EOS = torch.tensor([1]), torch.tensor([2])
 
 
-def uneven_pairs(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(src, tgt)`` pairs, the target the reversed source: 10-14 tokens at even indices, 1-2 at odd ones.
+def uneven_pairs(count: int, model: str = "seq2seq") -> list[dict[str, torch.Tensor]]:
+    """``{"src", "tgt"}`` pairs, the target the reversed source, or for ``lm`` ``{"tgt"}`` alone: bodies
+    of 10-14 tokens at even indices, 1-2 at odd ones.
 
     ``DistributedSampler(shuffle=False)`` gives rank ``r`` of 2 indices ``r, r + 2, ...``, so rank 0
     sees only long targets and rank 1 only short ones.
@@ -35,18 +41,19 @@ def uneven_pairs(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     for index in range(count):
         low, high = (10, 15) if index % 2 == 0 else (1, 3)
         length = int(torch.randint(low, high, (1,), generator=generator))
-        body = torch.randint(3, MODEL["tgt_vocab_size"], (length,), generator=generator)
-        pairs.append((torch.cat([body.flip(0), EOS]), torch.cat([BOS, body, EOS])))
+        body = torch.randint(3, VOCAB, (length,), generator=generator)
+        pair = {"src": torch.cat([body.flip(0), EOS]), "tgt": torch.cat([BOS, body, EOS])}
+        pairs.append(pair if model == "seq2seq" else {"tgt": pair["tgt"]})
     return pairs
 
 
-def pad_batch(pairs):
-    return tuple(pad_sequence(column, batch_first=True, padding_value=0) for column in zip(*pairs))
+def pad_batch(pairs: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: pad_sequence([pair[key] for pair in pairs], batch_first=True, padding_value=0) for key in pairs[0]}
 
 
-class PerRankMean(Seq2SeqTransformer):
-    """The normalisation to rule out: each rank's mean loss weighs the same, whatever its tokens
-    (what DDP gives a module whose training step returns a plain mean loss)."""
+class PerRankMean:
+    """Mixed into a model: the normalisation to rule out, each rank's mean loss weighs the same, whatever
+    its tokens (what DDP gives a module whose training step returns a plain mean loss)."""
 
     def backward(self, loss, *args, **kwargs):
         LightningModule.backward(self, loss, *args, **kwargs)
@@ -59,8 +66,12 @@ class UnevenPairs(LightningDataModule):
     """One global step covers dataset indices ``2bk .. 2b(k+1) - 1`` on any number of processes:
     as one batch of ``2b`` alone, as two per-rank batches of ``b`` under DDP."""
 
+    def __init__(self, model: str = "seq2seq") -> None:
+        super().__init__()
+        self.model = model
+
     def train_dataloader(self) -> DataLoader:
-        pairs = uneven_pairs(2 * PER_RANK_BATCH * STEPS)
+        pairs = uneven_pairs(2 * PER_RANK_BATCH * STEPS, self.model)
         # Lightning's own distributed sampler always shuffles training data; this one keeps the order.
         world_size = self.trainer.world_size
         sampler = DistributedSampler(pairs, num_replicas=world_size, rank=self.trainer.global_rank, shuffle=False)
@@ -75,7 +86,7 @@ class RecordLosses(Callback):
         self.global_losses, self.rank_mean_losses = [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        tokens = (batch[1][:, 1:] != pl_module.pad_token_id).sum()
+        tokens = (batch["tgt"][:, 1:] != pl_module.pad_token_id).sum()  # both models predict tgt[:, 1:]
         rank_mean = trainer.callback_metrics["train/loss"].detach().clone()  # this rank's mean over its tokens
         reduce = trainer.strategy.reduce  # all-reduces in place: every argument is a fresh tensor
         total = reduce(rank_mean * tokens, reduce_op="sum") / reduce(tokens, reduce_op="sum")
@@ -105,19 +116,23 @@ class CountBarriers(Callback):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, choices=(1, 2), required=True)
+    parser.add_argument("--model", choices=tuple(MODELS), default="seq2seq")
     parser.add_argument("--per-rank-mean", action="store_true", help="train PerRankMean instead")
     parser.add_argument("--init", required=True, help="state dict both runs start from")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
 
     torch.use_deterministic_algorithms(True)
-    model = (PerRankMean if args.per_rank_mean else Seq2SeqTransformer)(**MODEL)
+    model_class, config = MODELS[args.model]
+    if args.per_rank_mean:
+        model_class = type("PerRankMean", (PerRankMean, model_class), {})
+    model = model_class(**config)
     model.load_state_dict(torch.load(args.init))
     record, barriers = RecordLosses(), CountBarriers()
     trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                       max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False, callbacks=[barriers, record],
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(model, UnevenPairs())
+    trainer.fit(model, UnevenPairs(args.model))
     if trainer.is_global_zero:
         torch.save({"state_dict": model.state_dict(), "losses": record.global_losses,
                     "rank_mean_losses": record.rank_mean_losses, "world_size": trainer.world_size,

@@ -1,4 +1,4 @@
-"""DDP: two CPU processes train exactly like one on the same global batch, evaluation runs to the
+"""DDP: two CPU processes train either model exactly like one on the same global batch, evaluation runs to the
 end on more ranks than batches, and ``configs/multinode.yaml`` builds the strategy that torchrun
 and SLURM launches need."""
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from ddp_run import MODEL
+from ddp_run import MODELS
 from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.strategies import DDPStrategy
@@ -63,14 +63,15 @@ def max_parameter_difference(first: dict, second: dict) -> float:
     return max((first[name] - second[name]).abs().max().item() for name in first)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """Every run starts from the same weights, saved once here."""
-    tmp_path = tmp_path_factory.mktemp("ddp")
+@pytest.fixture(scope="module", params=tuple(MODELS))
+def runs(request, tmp_path_factory):
+    """Every run of a model (``seq2seq``, or ``lm``: decoder-only) starts from the same weights, saved once here."""
+    tmp_path = tmp_path_factory.mktemp(f"ddp-{request.param}")
+    model_class, config = MODELS[request.param]
     torch.manual_seed(0)
-    initial = Seq2SeqTransformer(**MODEL).state_dict()
+    initial = model_class(**config).state_dict()
     torch.save(initial, tmp_path / "init.pt")
-    runs = {name: train(tmp_path, name, *args) for name, args in (
+    runs = {name: train(tmp_path, name, "--model", request.param, *args) for name, args in (
         ("one", ("--devices", "1")),
         ("two", ("--devices", "2")),
         ("two_per_rank_mean", ("--devices", "2", "--per-rank-mean")),
