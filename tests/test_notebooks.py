@@ -11,9 +11,10 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.py"))
 
 
-def test_the_four_notebooks_are_there():
+def test_the_five_notebooks_are_there():
     assert [path.stem for path in NOTEBOOKS] == [
         "01_masks_and_attention", "02_loss_and_schedules", "03_train_and_translate", "04_research_by_subclassing",
+        "05_language_model",
     ]
 
 
