@@ -12,13 +12,17 @@ from torch.nn.utils.rnn import pad_sequence
 Batch = dict[str, torch.Tensor]
 
 
-def collate(examples: dict[str, list], pad_id: int) -> Batch:
+PAIR_COLUMNS = (("src", "src_ids"), ("tgt", "tgt_ids"))
+
+
+def collate(examples: dict[str, list], pad_id: int, columns: tuple[tuple[str, str], ...] = PAIR_COLUMNS) -> Batch:
     """Pad a batch of id lists to its longest sequence.
 
     Args:
         examples: ``{"src_ids": [...], "tgt_ids": [...], "index": [...]}``, one
             id list and one position in the split per sentence.
         pad_id: id used for padding.
+        columns: ``(batch key, example column)`` of each padded tensor.
 
     Returns:
         ``{"src": (B, S), "tgt": (B, T), "index": (B,)}`` int64 tensors, and ``"filler": True`` for a
@@ -26,7 +30,7 @@ def collate(examples: dict[str, list], pad_id: int) -> Batch:
     """
     batch = {
         key: pad_sequence([torch.tensor(ids) for ids in examples[column]], batch_first=True, padding_value=pad_id)
-        for key, column in (("src", "src_ids"), ("tgt", "tgt_ids"))
+        for key, column in columns
     }
     batch["index"] = torch.tensor(examples["index"])
     if examples.get("filler"):
@@ -36,12 +40,7 @@ def collate(examples: dict[str, list], pad_id: int) -> Batch:
 
 def collate_lines(examples: dict[str, list], pad_id: int = 0) -> Batch:
     """A language model's batch: ``{"ids": [...], "index": [...]}`` -> ``{"tgt": (B, T), "index": (B,)}``, keeping ``filler``."""
-    batch = {"tgt": pad_sequence([torch.tensor(ids) for ids in examples["ids"]], batch_first=True,
-                                 padding_value=pad_id),
-             "index": torch.tensor(examples["index"])}
-    if examples.get("filler"):
-        batch["filler"] = True
-    return batch
+    return collate(examples, pad_id, columns=(("tgt", "ids"),))
 
 
 def is_filler(batch) -> bool:

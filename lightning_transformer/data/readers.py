@@ -8,10 +8,7 @@ strings. Bad input raises ``FileNotFoundError``/``ValueError`` with the fix in t
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
-import os
-import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from itertools import islice, zip_longest
@@ -19,6 +16,8 @@ from pathlib import Path
 
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+from .cache import arrow_file, cache_key, content_hash
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus"
 FORMATS = ("auto", "default", "text", "tsv", "jsonl", "disk", "hub")
@@ -30,9 +29,6 @@ REQUIRED_SPLITS = ("train", "validation")
 READER_VERSION = "2"
 SCHEMA = pa.schema({"src": pa.string(), "tgt": pa.string()})
 BATCH_SIZE = 10_000
-# Timestamps can be as coarse as 2 s, and a file changed again within that may keep its mtime;
-# a content hash is only remembered for a file whose mtime is older.
-SETTLED_S = 2.0
 
 Pairs = Iterator[tuple[str, str]]
 
@@ -117,42 +113,14 @@ def detect_format(dataset: str) -> str:
     )
 
 
-def cache_key(parts: list[str]) -> str:
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def content_hash(path: Path, hashes: Path) -> str:
-    """SHA-256 of the file's bytes, remembered under the file's identity so that unchanged files are read once."""
-    stat = path.stat()
-    # ctime moves on every write, even one that restores size and mtime afterwards.
-    identity = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ctime_ns}|{stat.st_ino}"
-    remembered = hashes / cache_key([identity])
-    if remembered.is_file():
-        return remembered.read_text()
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    if time.time() - stat.st_mtime > SETTLED_S:
-        hashes.mkdir(parents=True, exist_ok=True)
-        partial_path = remembered.with_suffix(f".{os.getpid()}.tmp")
-        partial_path.write_text(digest.hexdigest())
-        partial_path.replace(remembered)
-    return digest.hexdigest()
-
-
 def _write_split(path: Path, pairs: Pairs, split: str, where: str) -> None:
     """Write ``pairs`` to an Arrow file, refusing a split without pairs or with an empty side."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Written under another name then renamed, so a concurrent reader never sees half a file.
-    partial_path = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     count, empty = 0, []
-    try:
-        with pa.OSFile(str(partial_path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
-            while batch := list(islice(pairs, BATCH_SIZE)):
-                empty += [count + number for number, (src, tgt) in enumerate(batch, start=1) if not src or not tgt]
-                writer.write_batch(pa.record_batch(list(map(list, zip(*batch))), schema=SCHEMA))
-                count += len(batch)
+    with arrow_file(path, SCHEMA) as writer:
+        while batch := list(islice(pairs, BATCH_SIZE)):
+            empty += [count + number for number, (src, tgt) in enumerate(batch, start=1) if not src or not tgt]
+            writer.write_batch(pa.record_batch(list(map(list, zip(*batch))), schema=SCHEMA))
+            count += len(batch)
         if not count:
             raise ValueError(f"The {split} split in {where} has no examples. Add some or remove its file.")
         if empty:
@@ -160,9 +128,6 @@ def _write_split(path: Path, pairs: Pairs, split: str, where: str) -> None:
             raise ValueError(f"{len(empty)} pair(s) of the {split} split in {where} have an empty side (pair number "
                              f"{shown}, counting from 1 in file order). Every pair needs text in both languages; "
                              "delete those lines on both sides.")
-        partial_path.replace(path)
-    finally:
-        partial_path.unlink(missing_ok=True)
 
 
 def find_split_files(folder: Path, stem: str) -> dict[str, Path]:

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from functools import partial
 from itertools import islice
@@ -16,7 +15,16 @@ from pathlib import Path
 import pyarrow as pa
 from datasets import Dataset, DatasetDict, load_from_disk
 
-from .readers import DEFAULT_CORPUS, REQUIRED_SPLITS, SPLIT_NAMES, cache_key, content_hash, find_split_files, read_lines
+from .readers import (
+    DEFAULT_CORPUS,
+    REQUIRED_SPLITS,
+    SPLIT_NAMES,
+    arrow_file,
+    cache_key,
+    content_hash,
+    find_split_files,
+    read_lines,
+)
 
 FORMATS = ("auto", "text", "jsonl", "tsv", "disk")
 # Part of every cache key, so that splits converted by an older reader are never reused.
@@ -82,22 +90,16 @@ def _detect_format(dataset: str, folder: Path) -> str:
 
 def _write_split(path: Path, lines: Lines, where: str) -> None:
     """Write ``lines`` to an Arrow file, refusing a split without lines or with an empty one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial_path = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # renamed, so no reader sees half a file
     count = 0
-    try:
-        with pa.OSFile(str(partial_path), "wb") as sink, pa.ipc.new_stream(sink, SCHEMA) as writer:
-            while batch := list(islice(lines, BATCH_SIZE)):
-                if "" in batch:
-                    raise ValueError(f"Example {count + batch.index('') + 1} of {where} is empty. Remove empty lines: "
-                                     "one example per line.")
-                writer.write_batch(pa.record_batch([batch], schema=SCHEMA))
-                count += len(batch)
+    with arrow_file(path, SCHEMA) as writer:
+        while batch := list(islice(lines, BATCH_SIZE)):
+            if "" in batch:
+                raise ValueError(f"Example {count + batch.index('') + 1} of {where} is empty. Remove empty lines: "
+                                 "one example per line.")
+            writer.write_batch(pa.record_batch([batch], schema=SCHEMA))
+            count += len(batch)
         if not count:
             raise ValueError(f"{where} has no examples. Add some or remove its file.")
-        partial_path.replace(path)
-    finally:
-        partial_path.unlink(missing_ok=True)
 
 
 def _tsv_lines(path: Path, language: str) -> Lines:
