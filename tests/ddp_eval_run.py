@@ -11,6 +11,7 @@ import argparse
 import json
 
 import torch
+from ddp_run import leave_process_group
 from lightning.pytorch import Trainer, seed_everything
 
 from lightning_transformer import Seq2SeqTransformer
@@ -65,6 +66,7 @@ def main() -> None:
                   "split_batches": len(TokenBudgetBatchSampler(split["length"], max_tokens=MAX_TOKENS, shuffle=False))}
         with open(args.output, "w") as handle:
             json.dump(result, handle)
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from ddp_run import MODEL, UnevenPairs
+from ddp_run import MODEL, UnevenPairs, leave_process_group
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -61,6 +61,7 @@ def main() -> None:
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     ckpt_path = Path(args.output) / f"epoch=0-step={SAVE_AT}.ckpt" if args.phase == "resume" else None
     trainer.fit(model, UnevenPairs(), ckpt_path=ckpt_path)
+    leave_process_group()
 
 
 if __name__ == "__main__":

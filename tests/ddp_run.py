@@ -113,6 +113,12 @@ class CountBarriers(Callback):
         torch.distributed.barrier = self._barrier
 
 
+def leave_process_group() -> None:
+    """Tear gloo down before the interpreter exits; left to exit, its threads can abort a finished rank."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--devices", type=int, choices=(1, 2), required=True)
@@ -137,6 +143,7 @@ def main() -> None:
         torch.save({"state_dict": model.state_dict(), "losses": record.global_losses,
                     "rank_mean_losses": record.rank_mean_losses, "world_size": trainer.world_size,
                     "barriers_in_steps": barriers.count}, args.output)
+    leave_process_group()
 
 
 if __name__ == "__main__":
