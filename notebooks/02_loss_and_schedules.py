@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 
 QUICK = os.environ.get("LT_NOTEBOOK_QUICK") == "1"  # the test run's smaller setting
-RUNS = Path(os.environ.get("LT_RUNS_DIR", "../runs/notebooks"))  # logs and checkpoints
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()  # run from notebooks/ or the root
+RUNS = Path(os.environ.get("LT_RUNS_DIR", ROOT / "runs" / "notebooks"))  # logs and checkpoints, inside the repository
 
 # %%
 import logging
@@ -207,11 +208,13 @@ plt.show()
 # values are read from their YAML files.
 
 # %%
-def schedule_of(config: str) -> dict:
-    loaded = yaml.safe_load(Path(f"../configs/{config}.yaml").read_text())
+def schedule_of(model_preset: str) -> dict:
+    # A run is composed: the paper's trainer preset, then the model preset (big also sets its longer run).
+    trainer = yaml.safe_load((ROOT / "configs/trainer/paper.yaml").read_text())["trainer"]
+    loaded = yaml.safe_load((ROOT / f"configs/model/{model_preset}.yaml").read_text())
     model = loaded["model"]["init_args"]
     return dict(d_model=model["d_model"], warmup=model["warmup_steps"], factor=model.get("lr_factor", 1.0),
-                steps=loaded["trainer"]["max_steps"])
+                steps={**trainer, **loaded.get("trainer", {})}["max_steps"])
 
 
 configs = {name: schedule_of(name) for name in ("base", "big")}

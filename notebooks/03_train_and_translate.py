@@ -26,7 +26,8 @@ import os
 from pathlib import Path
 
 QUICK = os.environ.get("LT_NOTEBOOK_QUICK") == "1"  # the test run's smaller setting
-RUNS = Path(os.environ.get("LT_RUNS_DIR", "../runs/notebooks"))  # logs and checkpoints
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()  # run from notebooks/ or the root
+RUNS = Path(os.environ.get("LT_RUNS_DIR", ROOT / "runs" / "notebooks"))  # logs and checkpoints, inside the repository
 
 # %%
 import logging
@@ -56,7 +57,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 # padded tokens, with sentences of similar length together so little of each batch is padding.
 
 # %%
-demo = yaml.safe_load(Path("../configs/demo.yaml").read_text())
+demo = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
 data = TranslationDataModule(**demo["data"]["init_args"])
 data.prepare_data()
 data.setup("fit")

@@ -29,7 +29,8 @@ import os
 from pathlib import Path
 
 QUICK = os.environ.get("LT_NOTEBOOK_QUICK") == "1"  # the test run's smaller setting
-RUNS = Path(os.environ.get("LT_RUNS_DIR", "../runs/notebooks"))  # logs and checkpoints
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()  # run from notebooks/ or the root
+RUNS = Path(os.environ.get("LT_RUNS_DIR", ROOT / "runs" / "notebooks"))  # logs and checkpoints, inside the repository
 
 # %%
 import inspect

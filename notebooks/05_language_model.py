@@ -28,7 +28,8 @@ import os
 from pathlib import Path
 
 QUICK = os.environ.get("LT_NOTEBOOK_QUICK") == "1"  # the test run's smaller setting
-RUNS = Path(os.environ.get("LT_RUNS_DIR", "../runs/notebooks"))  # logs and checkpoints
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()  # run from notebooks/ or the root
+RUNS = Path(os.environ.get("LT_RUNS_DIR", ROOT / "runs" / "notebooks"))  # logs and checkpoints, inside the repository
 
 # %%
 import logging
@@ -58,7 +59,7 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 # with lines of similar length together. A batch is `{"tgt": (B, T) ids}`: there is no source side.
 
 # %%
-lm_demo = yaml.safe_load(Path("../configs/lm_demo.yaml").read_text())
+lm_demo = yaml.safe_load((ROOT / "configs/lm_demo.yaml").read_text())
 data = LanguageModelDataModule(**lm_demo["data"]["init_args"])
 data.prepare_data()
 data.setup("fit")

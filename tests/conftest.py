@@ -39,14 +39,16 @@ def small_corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
-    """`lightning-transformer fit --config configs/demo.yaml` cut to 5 steps; returns its root folder."""
-    root = tmp_path_factory.mktemp("demo_run")
+    """`lightning-transformer fit --config configs/demo.yaml` cut to 5 steps, run from an empty ``cwd`` beside
+    its ``--trainer.default_root_dir``; returns that root folder."""
+    base = tmp_path_factory.mktemp("demo_run")
+    root, cwd = base / "root", base / "cwd"  # --trainer.default_root_dir must move every output away from cwd
+    cwd.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "lightning_transformer.cli", "fit", "--config", str(ROOT / "configs/demo.yaml"),
          "--trainer.max_steps", "5", "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
-         "--trainer.log_every_n_steps", "1",
-         "--trainer.default_root_dir", str(root), "--trainer.logger.init_args.save_dir", str(root)],
-        cwd=root, capture_output=True, text=True, timeout=600,
+         "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(root)],
+        cwd=cwd, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=5` reached." in result.stderr + result.stdout

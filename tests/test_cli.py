@@ -11,7 +11,16 @@ import yaml
 from lightning_transformer.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+PAPER = ("trainer/paper.yaml", "data/wmt14_en_de.yaml")
+#: Every run the README names, as the --config files it composes, in order.
+RUNS = {
+    "demo": ("demo.yaml",),
+    "lm_demo": ("lm_demo.yaml",),
+    "multi30k_en_de": ("multi30k_en_de.yaml",),
+    "base": (PAPER[0], "model/base.yaml", PAPER[1]),
+    "big": (PAPER[0], "model/big.yaml", PAPER[1]),
+    "multinode": (PAPER[0], "model/base.yaml", PAPER[1], "trainer/multinode.yaml"),
+}
 
 
 def run_cli(*args, cwd):
@@ -24,30 +33,61 @@ def test_console_script_is_registered():
     assert scripts.get("lightning-transformer") == "lightning_transformer.cli:main"
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_parses_and_builds_its_model(config, capsys, monkeypatch):
+def printed_config(files, capsys, monkeypatch, *extra) -> dict:
+    """What `lightning-transformer fit --config F1 --config F2 ... --print_config` prints, as a dict."""
     monkeypatch.setattr(sys, "argv", ["lightning-transformer"])
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", "--config", str(config), "--print_config"])
+        main(["fit", *(arg for name in files for arg in ("--config", str(ROOT / "configs" / name))), *extra,
+              "--print_config"])
     assert exit_info.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
-    given = yaml.safe_load(config.read_text())
-    for key, value in given["model"]["init_args"].items():
-        expected = list(value) if isinstance(value, (list, tuple)) else value
-        assert printed["model"]["init_args"][key] == expected, key
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("run", RUNS, ids=str)
+def test_every_run_parses_and_builds_its_model(run, capsys, monkeypatch):
+    printed = printed_config(RUNS[run], capsys, monkeypatch)
+    for name in RUNS[run]:
+        given = yaml.safe_load((ROOT / "configs" / name).read_text()).get("model", {}).get("init_args", {})
+        for key, value in given.items():
+            expected = list(value) if isinstance(value, (list, tuple)) else value
+            assert printed["model"]["init_args"][key] == expected, (name, key)
     module_name, _, class_name = printed["model"]["class_path"].rpartition(".")
     model_class = getattr(importlib.import_module(module_name), class_name)
     with torch.device("meta"):  # validates every hyperparameter without allocating the weights
-        model = model_class(**printed["model"]["init_args"])
-    assert model.d_model == given["model"]["init_args"]["d_model"]
+        model_class(**printed["model"]["init_args"])
 
 
-def test_paper_hyperparameters():
-    base = yaml.safe_load((ROOT / "configs/base.yaml").read_text())["model"]["init_args"]
-    big = yaml.safe_load((ROOT / "configs/big.yaml").read_text())["model"]["init_args"]
-    assert (base["d_model"], base["dim_feedforward"], base["nhead"], base["dropout"]) == (512, 2048, 8, 0.1)
-    assert (big["d_model"], big["dim_feedforward"], big["nhead"], big["dropout"]) == (1024, 4096, 16, 0.3)
-    for hp in (base, big):
+@pytest.mark.parametrize("run", RUNS, ids=str)
+def test_every_run_gets_the_shared_defaults(run, capsys, monkeypatch):
+    trainer = printed_config(RUNS[run], capsys, monkeypatch)["trainer"]
+    assert trainer["use_distributed_sampler"] is False
+    callbacks = [c["class_path"].rpartition(".")[2] for c in trainer["callbacks"]]
+    assert callbacks[:3] == ["LearningRateMonitor", "TokenThroughput", "TrainingDoctor"]
+    assert callbacks.count("ModelCheckpoint") == 1
+
+
+def test_every_config_file_is_part_of_a_run():
+    used = {name for files in RUNS.values() for name in files}
+    assert {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")} == used
+
+
+def test_paper_runs_differ_only_where_the_paper_does(capsys, monkeypatch):
+    base, big, multinode = (printed_config(RUNS[run], capsys, monkeypatch) for run in ("base", "big", "multinode"))
+
+    def differences(a, b, prefix=""):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return {d for key in a.keys() | b.keys() for d in differences(a.get(key), b.get(key), f"{prefix}{key}.")}
+        return set() if a == b else {prefix.rstrip(".")}
+
+    assert differences(base, big) == {"trainer.max_steps", *(f"model.init_args.{key}" for key in (
+        "d_model", "nhead", "dim_feedforward", "dropout"))}
+    assert differences(base, multinode) == {"trainer.accelerator", "trainer.num_nodes", "trainer.strategy",
+                                            "data.init_args.max_tokens"}
+    hp, big_hp = base["model"]["init_args"], big["model"]["init_args"]
+    assert (hp["d_model"], hp["dim_feedforward"], hp["nhead"], hp["dropout"]) == (512, 2048, 8, 0.1)
+    assert (big_hp["d_model"], big_hp["dim_feedforward"], big_hp["nhead"], big_hp["dropout"]) == (1024, 4096, 16, 0.3)
+    assert (base["trainer"]["max_steps"], big["trainer"]["max_steps"]) == (100000, 300000)
+    for hp in (hp, big_hp):
         assert hp["num_encoder_layers"] == hp["num_decoder_layers"] == 6
         assert hp["warmup_steps"] == 4000 and hp["label_smoothing"] == 0.1 and hp["scheduler"] == "noam"
 
@@ -59,10 +99,11 @@ def test_print_config_from_the_command_line(tmp_path):
     assert "gradient_clip_val: 1.0" in result.stdout
 
 
-def test_fit_demo_config_end_to_end(demo_run):
-    checkpoints = list(demo_run.rglob("*.ckpt"))
-    assert checkpoints, "fit should leave a checkpoint"
-    assert list(demo_run.rglob("metrics.csv")) and list(demo_run.rglob("tokenizer.json"))
+def test_fit_demo_config_end_to_end_writes_everything_under_default_root_dir(demo_run):
+    version = demo_run / "lightning_logs" / "version_0"
+    assert (version / "checkpoints" / "last.ckpt").is_file(), "fit should leave a checkpoint"
+    assert (version / "metrics.csv").is_file() and (version / "tokenizer.json").is_file()
+    assert not any((demo_run.parent / "cwd").iterdir()), "nothing lands in the working directory"
 
 
 def test_unknown_config_key_is_refused_with_its_name(tmp_path):

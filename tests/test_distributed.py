@@ -1,5 +1,5 @@
 """DDP: two CPU processes train either model exactly like one on the same global batch, evaluation runs to the
-end on more ranks than batches, and ``configs/multinode.yaml`` builds the strategy that torchrun
+end on more ranks than batches, and ``configs/trainer/multinode.yaml`` builds the strategy that torchrun
 and SLURM launches need."""
 
 import gzip
@@ -26,7 +26,10 @@ from lightning_transformer.cli import TransformerCLI
 SCRIPT = Path(__file__).with_name("ddp_run.py")
 EVAL_SCRIPT = Path(__file__).with_name("ddp_eval_run.py")
 CORPUS = Path(__file__).resolve().parents[1] / "lightning_transformer" / "data" / "corpus"
-MULTINODE = Path(__file__).resolve().parents[1] / "configs" / "multinode.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+#: The paper's base run on 2 nodes x 8 GPUs, as the README composes it.
+MULTINODE = [CONFIGS / "trainer/paper.yaml", CONFIGS / "model/base.yaml", CONFIGS / "data/wmt14_en_de.yaml",
+             CONFIGS / "trainer/multinode.yaml"]
 
 
 def free_port() -> int:
@@ -128,7 +131,7 @@ SLURM = dict(SLURM_NTASKS="16", SLURM_PROCID="11", SLURM_LOCALID="3", SLURM_NODE
 
 
 def multinode_trainer(monkeypatch, tmp_path, env: dict):
-    """The Trainer `lightning-transformer fit --config configs/multinode.yaml` builds under ``env``,
+    """The Trainer the composed multinode run (:data:`MULTINODE`) builds under ``env``,
     on CPU because this machine has no GPU; nothing is launched."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-transformer"])
@@ -142,14 +145,17 @@ def multinode_trainer(monkeypatch, tmp_path, env: dict):
     with torch.device("meta"):  # the base model's weights are not needed
         cli = TransformerCLI(Seq2SeqTransformer, LightningDataModule, subclass_mode_model=True,
                              subclass_mode_data=True, run=False,
-                             args=["--config", str(MULTINODE), "--trainer.accelerator", "cpu"])
+                             args=[*(arg for path in MULTINODE for arg in ("--config", str(path))),
+                                   "--trainer.accelerator", "cpu"])
     return cli.trainer
 
 
 def test_multinode_config_asks_for_ddp_on_two_nodes_of_eight_gpus():
-    trainer = yaml.safe_load(MULTINODE.read_text())["trainer"]
+    trainer = {}
+    for path in MULTINODE:
+        trainer.update(yaml.safe_load(path.read_text()).get("trainer", {}))
     assert (trainer["accelerator"], trainer["strategy"], trainer["precision"]) == ("gpu", "ddp", "bf16-mixed")
-    assert (trainer["num_nodes"], trainer["devices"], trainer["use_distributed_sampler"]) == (2, 8, False)
+    assert (trainer["num_nodes"], trainer["devices"]) == (2, 8)
 
 
 @pytest.mark.parametrize("env, environment", [(TORCHRUN, TorchElasticEnvironment), (SLURM, SLURMEnvironment)],
@@ -161,4 +167,5 @@ def test_multinode_config_builds_ddp_with_the_launchers_ranks(env, environment, 
     assert (trainer.num_nodes, trainer.num_devices, trainer.world_size) == (2, 8, 16)
     assert (trainer.global_rank, trainer.local_rank, trainer.node_rank) == (11, 3, 1)
     assert trainer.precision == "bf16-mixed"
+    assert {"TrainingDoctor", "LearningRateMonitor", "TokenThroughput"} <= {type(c).__name__ for c in trainer.callbacks}
     assert trainer.strategy.cluster_environment.main_address == ("node0" if env is TORCHRUN else "gpu07")

@@ -41,3 +41,16 @@ def test_notebook_runs_and_draws(script, tmp_path, monkeypatch, record_property)
     plots = [output for cell in notebook.cells if cell.cell_type == "code"
              for output in cell.get("outputs", []) if "image/png" in output.get("data", {})]
     assert plots, f"{script.name} drew no plot"
+
+
+@pytest.mark.parametrize("script", NOTEBOOKS, ids=lambda path: path.stem)
+@pytest.mark.parametrize("where", ["notebooks", "root"])
+def test_notebook_writes_inside_the_repository_from_either_folder(script, where, monkeypatch):
+    repository = script.parents[1]
+    monkeypatch.chdir(script.parent if where == "notebooks" else repository)
+    monkeypatch.delenv("LT_RUNS_DIR", raising=False)
+    setup = next(cell.source for cell in jupytext.read(script).cells if "RUNS = " in cell.source)
+    names: dict = {}
+    exec(setup, names)
+    assert names["ROOT"].resolve() == repository
+    assert names["RUNS"].resolve().is_relative_to(repository)

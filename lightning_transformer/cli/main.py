@@ -6,7 +6,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+from pathlib import Path
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
@@ -17,18 +19,45 @@ from .allocator import tune_malloc
 
 TOOLS = {"translate": translate.main, "generate": generate.main, "average": average.main}
 
+#: The config every run starts from, before its own --config files (``--print_config`` shows it).
+DEFAULTS = Path(__file__).with_name("defaults.yaml")
+
 
 class TransformerCLI(LightningCLI):
-    """LightningCLI for any :class:`TokenLevelModule`, its embeddings sized by the data module's ``vocab_size``."""
+    """LightningCLI for any :class:`TokenLevelModule`.
+
+    Every run starts from ``defaults.yaml`` beside this file, logs to a ``CSVLogger`` under
+    ``trainer.default_root_dir`` unless a config names a logger, and sizes the model's embeddings
+    by the data module's ``vocab_size``.
+    """
+
+    def __init__(self, *args, run: bool = True, parser_kwargs: dict | None = None, **kwargs) -> None:
+        files = {"default_config_files": [str(DEFAULTS)]}
+        defaults = {stage: files for stage in self.subcommands()} if run else files
+        super().__init__(*args, run=run, parser_kwargs={**defaults, **(parser_kwargs or {})}, **kwargs)
 
     #: What the models call their vocabulary sizes (Seq2SeqTransformer the first two, CausalLMTransformer the last).
     vocab_arguments = ("src_vocab_size", "tgt_vocab_size", "vocab_size")
 
     def before_instantiate_classes(self) -> None:
+        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
+        self._log_under_root_dir(config.trainer)
+        self._link_vocab_size(config)
+
+    @staticmethod
+    def _log_under_root_dir(trainer) -> None:
+        # Lightning's own default logger is TensorBoard where it is installed, CSV elsewhere; a fixed
+        # CSVLogger writes metrics.csv everywhere. Under default_root_dir, like the default logger, so
+        # --trainer.default_root_dir moves logs, checkpoints and the tokenizer together.
+        if trainer.logger in (None, True):
+            save_dir = trainer.default_root_dir or "."
+            trainer.logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                       init_args=Namespace(save_dir=save_dir))
+
+    def _link_vocab_size(self, config) -> None:
         # Not jsonargparse's link_arguments: a link's target must exist in every model class, and a
         # link to an argument the chosen class lacks still lands in its saved hyperparameters, so the
         # checkpoint no longer rebuilds. Each model gets the data module's vocabulary under its own names.
-        config = self.config[self.config.subcommand] if self.config.get("subcommand") else self.config
         vocab_size = ((config.get("data") or {}).get("init_args") or {}).get("vocab_size")
         if vocab_size is None:
             return
