@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from ..callbacks.completion import CompletionCheck
 from ..callbacks.resume import ResumeRandomState
 from ..data.batch import is_filler, unpack_batch
 from ..losses import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
@@ -158,7 +159,7 @@ class TokenLevelModule(LightningModule):
         return {"optimizer": adam, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"}}
 
     def configure_callbacks(self) -> list[Callback]:
-        return [ResumeRandomState()]
+        return [ResumeRandomState(), CompletionCheck()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # translate and average rebuild the class that trained, not the base class.
