@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_transformer import create_combined_mask, create_padding_mask
+from lightning_transformer.nn import layers
 from lightning_transformer.nn.layers import (
     Dropout,
     MultiHeadAttention,
@@ -103,8 +104,23 @@ def test_sinusoidal_positions_follow_the_paper():
             assert table[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-6)
 
 
+@pytest.fixture(params=[True, False], ids=["16-bit masks", "F.dropout"])
+def cheap_dropout(request, monkeypatch):
+    """Both dropout paths, whichever this CPU measured faster."""
+    monkeypatch.setattr(layers, "cheap_dropout_pays", lambda: request.param)
+    return request.param
+
+
+@pytest.fixture
+def matmul_below(monkeypatch):
+    """Pins the measured attention crossover, so a test takes the path it is about on any CPU."""
+    def pin(keys: int) -> None:
+        monkeypatch.setattr(layers, "matmul_attention_max_keys", lambda head_dim, dtype: keys)
+    return pin
+
+
 @pytest.mark.parametrize("p", [0.1, 0.3])
-def test_dropout_keeps_the_expected_fraction_and_the_mean(p):
+def test_dropout_keeps_the_expected_fraction_and_the_mean(p, cheap_dropout):
     torch.manual_seed(0)
     x = torch.ones(1000, 1000, requires_grad=True)
     out = Dropout(p).train()(x)
@@ -116,7 +132,7 @@ def test_dropout_keeps_the_expected_fraction_and_the_mean(p):
     assert torch.equal(x.grad, out.detach())  # d(x * mask)/dx = mask
 
 
-def test_dropout_is_seeded_per_element_and_off_in_eval():
+def test_dropout_is_seeded_per_element_and_off_in_eval(cheap_dropout):
     x = torch.randn(3, 5, 7).bfloat16()
     dropout = Dropout(0.5).train()
     torch.manual_seed(1)
@@ -165,10 +181,14 @@ def test_every_attention_path_matches_float64_reference(path, dtype, atol):
         assert torch.allclose(leaf.grad.double(), ref.grad, atol=5 * atol)
 
 
-def test_matmul_attention_is_chosen_for_cpu_low_precision_training_at_short_lengths():
+def test_matmul_attention_is_chosen_for_cpu_low_precision_training_up_to_the_measured_length(matmul_below):
     bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    assert use_matmul_attention(bf16, 64)
-    assert not use_matmul_attention(bf16, 1024)
+    matmul_below(256)
+    assert use_matmul_attention(bf16, 64) and use_matmul_attention(bf16, 256)
+    assert not use_matmul_attention(bf16, 257)
+    matmul_below(0)  # a CPU where SDPA always won
+    assert not use_matmul_attention(bf16, 16)
+    matmul_below(256)
     assert not use_matmul_attention(torch.zeros(1), 64)
     with torch.no_grad():
         assert not use_matmul_attention(bf16, 64)
@@ -190,7 +210,8 @@ def additive(mask):
 
 
 @pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
-def test_a_float_additive_mask_equals_the_bool_mask_in_cpu_bf16_training(batch, cross):
+def test_a_float_additive_mask_equals_the_bool_mask_in_cpu_bf16_training(batch, cross, matmul_below):
+    matmul_below(256)
     tokens, x = batch
     memory = torch.randn(3, 6, 16) if cross else None
     mask = create_padding_mask(tokens) if cross else create_combined_mask(tokens)  # with a fully masked row

@@ -13,16 +13,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Measured on a 2-core AMX CPU (benchmarks/results/attention_paths.md): in bf16 training SDPA's
-# CPU kernels are 1.6-4x slower than matmul attention up to ~256 keys (shape 64x4xTx64, forward +
-# backward); in fp32, without gradients, or for longer sequences SDPA's default kernel wins.
-_MATMUL_ATTENTION_MAX_KEYS = 256
+from .cpu_choices import cheap_dropout_pays, matmul_attention_max_keys
 
 
 def use_matmul_attention(q: Tensor, keys: int) -> bool:
-    """Whether queries ``q`` over ``keys`` keys take :func:`matmul_attention` rather than SDPA."""
+    """Whether queries ``q`` over ``keys`` keys take :func:`matmul_attention` rather than SDPA.
+
+    Only in CPU low-precision training, where SDPA's kernels can be slower than plain matmuls up to
+    a few hundred keys; how many depends on the processor, so it is measured once per machine
+    (:func:`~.cpu_choices.matmul_attention_max_keys`).
+    """
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    return q.device.type == "cpu" and low_precision and torch.is_grad_enabled() and keys <= _MATMUL_ATTENTION_MAX_KEYS
+    if q.device.type != "cpu" or not low_precision or not torch.is_grad_enabled():
+        return False
+    return keys <= matmul_attention_max_keys(q.size(-1), q.dtype)
 
 
 def _split_mask(mask: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -51,25 +55,32 @@ def matmul_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropo
     return out if mask is None else out.masked_fill_(~mask.any(-1, keepdim=True), 0.0)
 
 
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU masks need a quarter of the random numbers.
+def sixteen_bit_dropout(x: Tensor, p: float) -> Tensor:
+    """Training-mode dropout drawing a quarter of the random numbers: each 64-bit draw gives four
+    16-bit ones, so ``p`` is rounded to a multiple of 1/65536 and kept values are scaled by the
+    matching exact ``1 / (1 - p)``."""
+    dropped = round(p * 65536)
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
+    # torch.where keeps the boolean mask for backward: a byte an element, not a float scale tensor.
+    return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
 
-    On CPU, drawing one random number per element made dropout a sixth of a training step
-    (``benchmarks/results/profile_*``). Here each 64-bit draw gives four 16-bit numbers, so ``p``
-    is rounded to a multiple of 1/65536 and kept values are scaled by the matching exact
-    ``1 / (1 - p)``. Other devices, and ``inplace``, use ``F.dropout``.
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that uses :func:`sixteen_bit_dropout` on CPUs where it is faster.
+
+    Drawing one random number per element made dropout a sixth of a CPU training step
+    (``benchmarks/results/profile_*``) on some processors; whether the cheaper masks pay is measured
+    once per machine (:func:`~.cpu_choices.cheap_dropout_pays`). Other devices, and ``inplace``, use
+    ``F.dropout``.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu" or self.inplace or self.p >= 1.0:
+        if x.device.type != "cpu" or self.inplace or self.p >= 1.0 or not cheap_dropout_pays():
             return F.dropout(x, self.p, True, self.inplace)
-        dropped = round(self.p * 65536)
-        words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
-        keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
-        # torch.where keeps the boolean mask for backward: a byte an element, not a float scale tensor.
-        return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
+        return sixteen_bit_dropout(x, self.p)
 
 
 class MultiHeadAttention(nn.Module):

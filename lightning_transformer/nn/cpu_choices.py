@@ -1,0 +1,143 @@
+"""Speed choices that depend on the processor: timed once on the running machine, then cached.
+
+Which attention kernel wins in low-precision training, and whether drawing dropout masks 16 bits
+at a time pays, differ between CPUs (an AMX Xeon and an AVX512-BF16 EPYC disagree; see
+``benchmarks/results/attention_paths*.md``). So neither is a constant: each is measured the first
+time a process needs it and stored in ``$XDG_CACHE_HOME/lightning_transformer/cpu_choices.json``
+under the CPU model, thread count and torch version, for every later run on the same machine. A
+measurement takes about a second, uses its own random numbers, and changes no global state. Delete
+the file, or edit a value in it, to choose again.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+#: Key lengths timed for the attention choice: the range where the kernels trade places.
+ATTENTION_LENGTHS = (16, 32, 64, 128, 256, 512)
+
+
+def cache_path() -> Path:
+    """Where measured choices are kept: ``$XDG_CACHE_HOME/lightning_transformer/cpu_choices.json``."""
+    root = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser()
+    return root / "lightning_transformer" / "cpu_choices.json"
+
+
+def machine_key() -> str:
+    """The CPU model, the threads torch uses and torch's version: what the choices depend on."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cached_choice(name: str, measure: Callable[[], object]):
+    """``name``'s value for this machine: read from :func:`cache_path`, or ``measure()``-d once and stored."""
+    path, key = cache_path(), machine_key()
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        stored = {}
+    if name in stored.get(key, {}):
+        return stored[key][name]
+    value = measure()
+    stored.setdefault(key, {})[name] = value
+    try:  # a read-only home only costs a measurement per process
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(stored, indent=1, sort_keys=True), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass
+    return value
+
+
+def median_seconds(run: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall time of ``run()`` over ``repeats`` calls, after one warm-up call."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def isolated(measure: Callable[..., object]) -> Callable[..., object]:
+    """Run a measurement in training conditions whatever the caller's: grad on, no autocast, the caller's
+    random state restored afterwards (so a measurement never shifts a seeded run)."""
+
+    @functools.wraps(measure)
+    def run(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]), torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast("cpu", enabled=False):
+            return measure(*args, **kwargs)
+
+    return run
+
+
+def longest_winning_length(faster: dict[int, bool]) -> int:
+    """The longest length up to which the candidate won at every timed length (0 if it lost the shortest)."""
+    longest = 0
+    for length in sorted(faster):
+        if not faster[length]:
+            break
+        longest = length
+    return longest
+
+
+@isolated
+def measure_attention(head_dim: int, dtype: torch.dtype, tokens: int = 1024, heads: int = 4) -> int:
+    """Longest key length at which :func:`~.layers.matmul_attention` beats SDPA, forward + backward in ``dtype``."""
+    from .layers import matmul_attention
+
+    generator = torch.Generator().manual_seed(0)
+    faster = {}
+    for length in ATTENTION_LENGTHS:
+        batch = max(1, tokens // length)
+        q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(dtype).requires_grad_()
+                   for _ in range(3))
+        mask = torch.ones(length, length, dtype=torch.bool).tril()
+
+        def step(attend):
+            return lambda: attend(q, k, v, mask).float().sum().backward()
+
+        sdpa = median_seconds(step(lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3])))
+        faster[length] = median_seconds(step(matmul_attention)) < sdpa
+    return longest_winning_length(faster)
+
+
+@isolated
+def measure_cheap_dropout(shape: tuple[int, int] = (4096, 512)) -> bool:
+    """Whether :func:`~.layers.sixteen_bit_dropout` beats ``F.dropout``, forward + backward."""
+    from .layers import sixteen_bit_dropout
+
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    plain = median_seconds(lambda: F.dropout(x, 0.1, True).sum().backward())
+    return median_seconds(lambda: sixteen_bit_dropout(x, 0.1).sum().backward()) < plain
+
+
+@functools.cache
+def matmul_attention_max_keys(head_dim: int, dtype: torch.dtype) -> int:
+    """Up to how many keys :func:`~.layers.matmul_attention` is the faster training kernel on this CPU."""
+    return int(cached_choice(f"matmul_attention_max_keys/{head_dim}/{str(dtype).removeprefix('torch.')}",
+                             lambda: measure_attention(head_dim, dtype)))
+
+
+@functools.cache
+def cheap_dropout_pays() -> bool:
+    """Whether :class:`~.layers.Dropout` should draw 16-bit masks on this CPU."""
+    return bool(cached_choice("cheap_dropout", measure_cheap_dropout))

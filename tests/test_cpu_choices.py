@@ -1,0 +1,60 @@
+import json
+
+import pytest
+import torch
+
+from lightning_transformer.nn import cpu_choices
+from lightning_transformer.nn.cpu_choices import cached_choice, longest_winning_length, machine_key
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    return tmp_path / "lightning_transformer" / "cpu_choices.json"
+
+
+def test_a_choice_is_measured_once_per_machine_then_read_back(cache_home):
+    calls = []
+    measure = lambda: calls.append(1) or 128  # noqa: E731
+    assert cached_choice("attention", measure) == 128
+    assert cached_choice("attention", measure) == 128 and len(calls) == 1
+    stored = json.loads(cache_home.read_text())
+    assert stored == {machine_key(): {"attention": 128}}
+
+
+def test_another_machine_or_thread_count_measures_again(cache_home, monkeypatch):
+    cached_choice("attention", lambda: 128)
+    monkeypatch.setattr(cpu_choices, "machine_key", lambda: "Another CPU | 4 threads | torch 2.13.0+cpu")
+    assert cached_choice("attention", lambda: 0) == 0
+    assert len(json.loads(cache_home.read_text())) == 2
+
+
+def test_the_machine_key_names_the_cpu_threads_and_torch():
+    key = machine_key()
+    assert f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
+
+
+def test_an_unwritable_cache_still_gives_the_measured_value(tmp_path, monkeypatch):
+    (tmp_path / "lightning_transformer").write_text("a file where the folder should be")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cached_choice("attention", lambda: 64) == 64
+
+
+@pytest.mark.parametrize("faster, expected", [
+    ({16: True, 32: True, 64: False, 128: True}, 32),  # a win past the first loss is noise, not a range
+    ({16: False, 32: True}, 0),
+    ({16: True, 512: True}, 512),
+])
+def test_the_crossover_is_the_end_of_the_first_run_of_wins(faster, expected):
+    assert longest_winning_length(faster) == expected
+
+
+def test_measurements_leave_the_random_state_and_grad_mode_alone():
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        longest = cpu_choices.measure_attention(16, torch.bfloat16, tokens=64)
+        cheap = cpu_choices.measure_cheap_dropout((64, 64))
+        assert not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+    assert torch.equal(torch.get_rng_state(), state)
+    assert longest in (0, *cpu_choices.ATTENTION_LENGTHS) and isinstance(cheap, bool)
