@@ -10,13 +10,15 @@ from test_model import RecordSteps, trainer
 from torch.utils.data import DataLoader
 
 from lightning_transformer import CausalLMTransformer
+from lightning_transformer.callbacks import TranslationWriter
 from lightning_transformer.cli.generate import continue_prompts
 from lightning_transformer.cli.loading import load_model
 from lightning_transformer.cli.translate import load_translator
 from lightning_transformer.data import LanguageModelDataModule
+from lightning_transformer.generation.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(vocab_size=20, d_model=32, nhead=4, num_layers=2, dim_feedforward=64, max_len=32)
+TINY = {"vocab_size": 20, "d_model": 32, "nhead": 4, "num_layers": 2, "dim_feedforward": 64, "max_len": 32}
 
 
 def tiny_lm(**overrides):
@@ -31,7 +33,7 @@ def random_lines(n: int, length: int, seed: int = 0) -> torch.Tensor:
 
 def cli(*args, input=None, cwd=None):
     return subprocess.run([sys.executable, "-m", "lightning_transformer.cli", *args], input=input, cwd=cwd,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_overfits_one_batch_and_greedy_generation_reproduces_it(tmp_path):
@@ -112,6 +114,43 @@ def test_a_batch_without_token_ids_is_refused_by_name():
         tiny_lm().training_step({"src": torch.ones(2, 3, dtype=torch.long)}, 0)
 
 
+def test_generate_with_beams_returns_the_best_beam_and_refuses_sampling_arguments():
+    torch.manual_seed(0)
+    model = tiny_lm(dropout=0.0, beam_size=3, length_penalty=1.0, max_new_tokens=5).eval()
+    prompts = torch.tensor([[1, 5, 6], [0, 1, 9]])
+    nbest = model.beam_search(prompts, nbest=3)  # the hyperparameters' beam size and length penalty
+    assert [len(hyps) for hyps in nbest] == [3, 3]
+    assert nbest[0][0].score == pytest.approx(nbest[0][0].log_prob / ((5 + len(nbest[0][0].tokens) + 1) / 6))
+    best = model.generate(prompts).tolist()
+    expected = [[1, 5, 6, *nbest[0][0].tokens, 2], [1, 9, *nbest[1][0].tokens, 2]]
+    assert [[t for t in row if t] for row in best] == expected
+    # An override of the hyperparameters: alpha = 0 ranks by log-probability.
+    assert all(h.score == h.log_prob for hyps in model.beam_search(prompts, length_penalty=0.0) for h in hyps)
+    greedy = generate(model, prompts, 5, 2, temperature=0)
+    assert torch.equal(model.generate(prompts, beam_size=1, temperature=0), greedy)
+    with pytest.raises(ValueError, match=r"beam search \(beam_size=3\) does not sample"):
+        model.generate(prompts, temperature=0.7)
+
+
+def test_predict_step_continues_each_line_and_skips_filler_batches():
+    torch.manual_seed(0)
+    model = tiny_lm(dropout=0.0, beam_size=2, max_new_tokens=4).eval()
+    lines = torch.tensor([[1, 5, 6, 7, 2], [1, 9, 2, 0, 0]])
+    output = model.predict_step({"tgt": lines, "index": torch.tensor([7, 3])}, 0)
+    # Each line without its EOS is the prompt; the continuation has no BOS, EOS or padding.
+    expected = [hyps[0].tokens for hyps in model.beam_search(torch.tensor([[1, 5, 6, 7], [1, 9, 0, 0]]))]
+    assert output == {"tokens": expected, "index": [7, 3]}
+    assert all(len(tokens) <= 3 and min(tokens, default=3) >= 3 for tokens in expected)
+    assert model.predict_step(lines, 0) == {"tokens": expected, "index": None}
+    assert model.predict_step({"tgt": lines, "index": torch.tensor([0, 1]), "filler": True}, 0) == {"tokens": [],
+                                                                                                       "index": []}
+    greedy = tiny_lm(dropout=0.0, temperature=0.0, max_new_tokens=4).eval()
+    greedy.load_state_dict(model.state_dict())
+    rows = generate(greedy, torch.tensor([[1, 5, 6, 7], [1, 9, 0, 0]]), 4, 2, temperature=0).tolist()
+    continuations = [[t for t in row[n:] if t != 0] for row, n in zip(rows, (4, 2))]
+    assert greedy.predict_step(lines, 0)["tokens"] == [c[: c.index(2)] if 2 in c else c for c in continuations]
+
+
 @pytest.fixture(scope="module")
 def lm_checkpoint(small_corpus, tmp_path_factory) -> Path:
     """A tiny LM trained 30 steps on the English side of `small_corpus`, saved with its tokenizer."""
@@ -149,6 +188,7 @@ def test_generate_command_continues_each_prompt(lm_checkpoint, tmp_path):
     ([], "", "no prompts"),
     (["--input", "absent.txt"], None, "absent.txt does not exist"),
     (["--top-k", "0"], "Hi\n", "top_k=0 keeps no token"),
+    (["--beam-size", "2", "--top-p", "0.9"], "Hi\n", "does not sample"),
 ])
 def test_bad_input_gives_one_line_errors(lm_checkpoint, tmp_path, args, stdin, message):
     checkpoint = [] if args[:1] == ["nope.ckpt"] else [str(lm_checkpoint)]
@@ -156,6 +196,40 @@ def test_bad_input_gives_one_line_errors(lm_checkpoint, tmp_path, args, stdin, m
     assert result.returncode != 0
     assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generate_command_searches_beams(lm_checkpoint):
+    result = cli("generate", str(lm_checkpoint), "--beam-size", "3", "--length-penalty", "1.0",
+                 input="The cat\nI want\n")
+    assert result.returncode == 0, result.stderr
+    model, tokenizer = load_model(lm_checkpoint, CausalLMTransformer)
+    assert result.stdout.splitlines() == continue_prompts(model, tokenizer, ["The cat", "I want"], beam_size=3,
+                                                          length_penalty=1.0)
+
+
+def test_predict_subcommand_continues_each_line_in_split_order(lm_checkpoint, small_corpus, tmp_path):
+    # The run's checkpoint as `fit` would name its class, with beam_size 2 so that predict is deterministic.
+    checkpoint = torch.load(lm_checkpoint, weights_only=False)
+    checkpoint["hyper_parameters"].update(beam_size=2, _class_path="lightning_transformer.CausalLMTransformer")
+    torch.save(checkpoint, tmp_path / "beam.ckpt")
+    output = tmp_path / "continued.txt"
+    data = ["--data.init_args.dataset", str(small_corpus), "--data.init_args.format", "tsv",
+            "--data.init_args.vocab_size", "300", "--data.init_args.max_tokens", "600",
+            "--data.init_args.max_length", "64", "--data.init_args.cache_dir", str(lm_checkpoint.parent / "cache")]
+    result = cli("predict", "--config", str(ROOT / "configs/lm_demo.yaml"), "--ckpt_path", str(tmp_path / "beam.ckpt"),
+                 *data, "--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.enable_progress_bar",
+                 "false", "--trainer.callbacks+=lightning_transformer.callbacks.TranslationWriter",
+                 f"--trainer.callbacks.output={output}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # small_corpus has no test split: predict continues the validation lines, each as a prompt.
+    lines = (small_corpus / "validation.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    model, tokenizer = load_model(tmp_path / "beam.ckpt", CausalLMTransformer)
+    expected = continue_prompts(model, tokenizer, [line.split("\t")[0].strip() for line in lines])
+    assert output.read_text(encoding="utf-8").splitlines() == expected
+
+
+def test_prediction_writer_keeps_its_translation_name(tmp_path):
+    assert TranslationWriter(str(tmp_path / "out.txt")).output == tmp_path / "out.txt"
 
 
 def test_a_translation_checkpoint_is_refused(small_run):
@@ -166,8 +240,7 @@ def test_a_translation_checkpoint_is_refused(small_run):
 def test_lm_demo_config_trains_five_steps_and_both_models_checkpoints_rebuild(tmp_path, demo_run):
     result = cli("fit", "--config", str(ROOT / "configs/lm_demo.yaml"), "--trainer.max_steps", "5",
                  "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false",
-                 "--trainer.default_root_dir", str(tmp_path), "--trainer.logger.init_args.save_dir", str(tmp_path),
-                 "--data.init_args.vocab_size", "2000", cwd=tmp_path)
+                 "--trainer.default_root_dir", str(tmp_path), "--data.init_args.vocab_size", "2000", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=5` reached." in result.stderr + result.stdout
     model, _ = load_model(next(tmp_path.rglob("last.ckpt")), CausalLMTransformer)

@@ -1,4 +1,4 @@
-"""``TranslationWriter``: ``predict`` output as text, one line per sentence in split order, written atomically."""
+"""``TranslationWriter``: ``predict`` output as text, one line per example in split order, written atomically."""
 
 from __future__ import annotations
 
@@ -10,7 +10,11 @@ from .metrics import gather_unique
 
 
 class TranslationWriter(BasePredictionWriter):
-    """Write ``predict`` output as detokenised text, one line per sentence in split order.
+    """Write ``predict`` output as detokenised text, one line per example in split order.
+
+    Any model whose ``predict_step`` returns ``{"tokens": ids per row, "index": split positions or
+    None}`` fits: a translator's translations, a language model's continuations of its prompts. The
+    datamodule's ``tokenizer`` decodes them.
 
     Args:
         output: file to write; it must not exist yet (nothing is overwritten).

@@ -20,7 +20,8 @@ def continue_prompts(model: CausalLMTransformer, tokenizer: Tokenizer, prompts: 
     """Each prompt's continuation as text (prompt excluded), in input order.
 
     Every prompt starts with ``<s>``, as the training lines did; ``sampling`` holds
-    :meth:`CausalLMTransformer.generate`'s ``max_new_tokens``, ``temperature``, ``top_k`` and ``top_p``.
+    :meth:`CausalLMTransformer.generate`'s ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``,
+    ``beam_size`` and ``length_penalty``.
     """
     encoded = [[tokenizer.bos_id, *ids] for ids in tokenizer.encode_batch(list(prompts))]
     outputs = []
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy; default: the model's")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens only")
     parser.add_argument("--top-p", type=float, default=None, help="sample within the nucleus of mass p only")
+    parser.add_argument("--beam-size", type=int, default=None,
+                        help="keep the best of this many beams (no sampling flags then); default: the model's")
+    parser.add_argument("--length-penalty", type=float, default=None,
+                        help="GNMT length-penalty exponent of beam search; default: the model's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling, for reproducible output")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts generated together")
     parser.add_argument("--device", default="cpu")
@@ -62,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         generator = torch.Generator(model.device).manual_seed(args.seed)
         continuations = continue_prompts(model, tokenizer, prompts, args.batch_size, generator,
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         top_k=args.top_k, top_p=args.top_p)
+                                         top_k=args.top_k, top_p=args.top_p, beam_size=args.beam_size,
+                                         length_penalty=args.length_penalty)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}") from None
     sys.stdout.write("".join(line + "\n" for line in continuations))

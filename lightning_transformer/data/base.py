@@ -124,6 +124,13 @@ class TokenizedDataModule(LightningDataModule):
             )
         return self._eval_loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """Rows of the test split (the validation split when there is none): sources to translate, lines to continue."""
+        # A plain DataLoader: Lightning rebuilds predict loaders to track batch indices, which a
+        # subclass with its own signature does not survive.
+        split = "test" if "test" in self._split_names() else "validation"
+        return self._eval_loader(split, partial(DataLoader, batch_size=None))
+
     # ----- loaders ----------------------------------------------------------------------------
     def _eval_loader(self, split: str, loader: Callable[..., DataLoader] = ResumableDataLoader) -> DataLoader:
         rank, world_size = self._rank_and_world_size()

@@ -18,7 +18,8 @@ class LanguageModelDataModule(TokenizedDataModule):
 
     Batches are ``{"tgt": (B, T) ids, "index": (B,)}``: each line as ``<s> ... </s>`` padded with
     id 0, and its position in the split; a filler batch (see :class:`SplitRows`) adds
-    ``"filler": True``. The model reads ``tgt[:, :-1]`` and predicts ``tgt[:, 1:]``. Caching,
+    ``"filler": True``. The model reads ``tgt[:, :-1]`` and predicts ``tgt[:, 1:]``; ``predict``
+    continues each line of the test split (else validation) as a prompt. Caching,
     batching, mid-epoch resume and DDP sharding are :class:`TokenizedDataModule`'s: create the
     Trainer with ``use_distributed_sampler=False``.
 

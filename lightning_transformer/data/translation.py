@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 from datasets import Dataset
-from torch.utils.data import DataLoader
 
 from .base import TokenizedDataModule
 from .batch import collate
@@ -92,13 +90,6 @@ class TranslationDataModule(TokenizedDataModule):
             raise ValueError(f"There is no {split!r} split; the dataset has {', '.join(text)}.")
         # Read from the memory-mapped split when asked, so only evaluated splits become Python strings.
         return text[split].with_format("arrow")["tgt"].to_pylist()
-
-    def predict_dataloader(self) -> DataLoader:
-        """Sources of the test split (the validation split when there is none), for ``predict``."""
-        # A plain DataLoader: Lightning rebuilds predict loaders to track batch indices, which a
-        # subclass with its own signature does not survive.
-        split = "test" if "test" in self._split_names() else "validation"
-        return self._eval_loader(split, partial(DataLoader, batch_size=None))
 
     def open_text(self, cache_root: Path) -> tuple[Path, dict[str, Dataset]]:
         hp = self.hparams

@@ -5,7 +5,9 @@ The model is anything with ``encode(src, src_mask) -> memory``, ``init_cache()``
 ``make_masks(src, tgt_input)``, if it has one, builds the source mask. Both
 decoders feed one new token a step through the incremental key/value cache; cross-attention keys
 and values are projected once per sentence, and beam search hands ``decode`` one memory row per
-sentence for its ``beam_size`` consecutive hypotheses.
+sentence for its ``beam_size`` consecutive hypotheses. The beam search loop itself, :func:`search_beams`,
+sees the model only through a step and a cache reorder, so the decoder-only search from prompts
+(:mod:`.prompt_search`) shares it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def max_output_lengths(src: Tensor, pad_token_id: int, a: float, b: int, max_pos
     return (a * source_lengths + b).floor().long().clamp(min=1, max=max_positions)
 
 
-def _decoding_mode(function):
+def decoding_mode(function):
     """``no_grad``, also leaving inference mode: under ``inference_mode`` (Lightning's evaluation
     loops) autocast re-casts every weight at every step instead of caching the casts, which made
     bf16 decoding slower than float32.
@@ -83,7 +85,7 @@ def _reorder_cache(cache: list[dict], order: Tensor) -> None:
                 state[key] = value.index_select(0, order)
 
 
-@_decoding_mode
+@decoding_mode
 def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token_id: int,
                   eos_token_id: int, max_positions: int | None = None) -> list[list[int]]:
     """Pick the most likely next token (never padding or BOS) until every sentence has emitted EOS.
@@ -114,7 +116,12 @@ def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token
     return [row[: row.index(eos_token_id)] if eos_token_id in row else row for row in ys[:, 1:].tolist()]
 
 
-@_decoding_mode
+def log_softmax(logits: Tensor) -> Tensor:
+    """Log-probabilities ``(..., V)`` in float32, or float64 for a float64 model (exact checks)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+
+
+@decoding_mode
 def beam_search(
     model,
     src: Tensor,
@@ -129,13 +136,7 @@ def beam_search(
     nbest: int = 1,
     max_positions: int | None = None,
 ) -> list[list[Hypothesis]]:
-    """Batched beam search with a per-sentence length limit and length-normalised final scores.
-
-    Each step extends every live beam by every token, keeps the ``2 * beam_size`` best
-    continuations per sentence, moves those ending in EOS and ranked within the top
-    ``beam_size`` to the sentence's finished list, and continues with the ``beam_size`` best
-    others. A sentence is done once it has ``beam_size`` finished hypotheses (fairseq's rule);
-    at its length limit only EOS may follow.
+    """Batched beam search over source sentences: :func:`search_beams` with the encoder-decoder's step.
 
     Args:
         src: source ids ``(B, S)``.
@@ -148,30 +149,63 @@ def beam_search(
     Returns:
         For each sentence, its ``nbest`` best :class:`Hypothesis` by ``log_prob / length_penalty``.
     """
-    if beam_size < 1 or not 1 <= nbest <= beam_size:
-        raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size} and {nbest}.")
-    batch, k, device = src.size(0), beam_size, src.device
     limits = max_output_lengths(src, pad_token_id, max_len_a, max_len_b, max_positions)
     src_mask = _source_mask(model, src, pad_token_id, bos_token_id)
     memory = model.encode(src, src_mask)  # (B, S, D): the K beams of a sentence share its row
     cache = model.init_cache()
-    tokens = torch.full((batch * k, 1), bos_token_id, dtype=torch.long, device=device)
+
+    def step(last: Tensor) -> Tensor:
+        return log_softmax(model.decode(last, memory, None, src_mask, cache)[:, -1])
+
+    start = torch.full((src.size(0),), bos_token_id, dtype=torch.long, device=src.device)
+    return search_beams(step, functools.partial(_reorder_cache, cache), start, limits, beam_size, nbest,
+                        pad_token_id, bos_token_id, eos_token_id, alpha, penalty_style)
+
+
+def search_beams(step, reorder, start: Tensor, limits: Tensor, beam_size: int, nbest: int, pad_token_id: int,
+                 bos_token_id: int, eos_token_id: int, alpha: float,
+                 penalty_style: Literal["gnmt", "power"] = "gnmt") -> list[list[Hypothesis]]:
+    """The beam search loop, for any model behind ``step`` and ``reorder``; rows are sentences or prompts.
+
+    Each step extends every live beam by every token (never padding or BOS), keeps the
+    ``2 * beam_size`` best continuations per row, moves those ending in EOS and ranked within the
+    top ``beam_size`` to the row's finished list, and continues with the ``beam_size`` best others.
+    A row is done once it has ``beam_size`` finished hypotheses (fairseq's rule); at its length
+    limit only EOS may follow.
+
+    Args:
+        step: last tokens ``(B*K, 1)`` -> next-token log-probabilities ``(B*K, V)``; it advances the
+            model's cache, whose row ``b*K + j`` is row ``b``'s beam ``j``.
+        reorder: ``order (B*K,)`` -> None; makes cached row ``i`` the old row ``order[i]``.
+        start: the token each row's beams are fed first ``(B,)``: BOS, or a prompt's last token.
+        limits: most generated tokens per row ``(B,)``, EOS included, at least 1.
+        beam_size: live hypotheses ``K`` per row.
+        nbest: hypotheses returned per row, best first.
+        alpha: length-penalty exponent; ``penalty_style`` picks the formula.
+
+    Returns:
+        For each row, its ``nbest`` best :class:`Hypothesis` by ``log_prob / length_penalty``.
+    """
+    if beam_size < 1 or not 1 <= nbest <= beam_size:
+        raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size} and {nbest}.")
+    batch, k, device = start.size(0), beam_size, start.device
+    tokens = start.repeat_interleave(k)[:, None]  # (B*K, 1); column 0 is no part of a hypothesis
     scores = torch.full((batch, k), -math.inf, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     finished_count = torch.zeros(batch, dtype=torch.long, device=device)
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     within_beam = torch.arange(2 * k, device=device) < k
-    for step in range(int(limits.max())):
-        log_probs = model.decode(tokens[:, -1:], memory, None, src_mask, cache)[:, -1].float().log_softmax(-1)
+    for length in range(1, int(limits.max()) + 1):
+        log_probs = step(tokens[:, -1:])
         vocab = log_probs.size(-1)
         log_probs[:, [pad_token_id, bos_token_id]] = -math.inf
-        at_limit = (limits <= step + 1).repeat_interleave(k).nonzero().squeeze(1)
+        at_limit = (limits <= length).repeat_interleave(k).nonzero().squeeze(1)
         if at_limit.numel():  # only EOS may follow
             eos_log_probs = log_probs[at_limit, eos_token_id]
             log_probs[at_limit] = -math.inf
             log_probs[at_limit, eos_token_id] = eos_log_probs
-        # A sentence's 2K best continuations are among each of its beams' 2K best tokens, so the
+        # A row's 2K best continuations are among each of its beams' 2K best tokens, so the
         # (B*K, V) scores are never summed in full.
         width = min(2 * k, vocab)
         beam_log_probs, beam_tokens = log_probs.topk(width, dim=1)  # (B*K, 2K)
@@ -181,7 +215,7 @@ def beam_search(
         is_eos = top_tokens == eos_token_id
         # An EOS ranked within the top K ends a hypothesis; the K best others continue.
         ends = is_eos & within_beam[: is_eos.size(1)] & top_scores.isfinite() & ~done[:, None]
-        penalty = length_penalty(step + 1, alpha, penalty_style)
+        penalty = length_penalty(length, alpha, penalty_style)
         for b, rank in ends.nonzero().tolist():
             score, beam = top_scores[b, rank].item(), int(top_beams[b, rank])
             finished[b].append(Hypothesis(tokens[b * k + beam, 1:].tolist(), score / penalty, score))
@@ -195,5 +229,5 @@ def beam_search(
         order = (torch.arange(batch, device=device)[:, None] * k + next_beams).view(-1)
         next_tokens = next_tokens.masked_fill(done[:, None], pad_token_id)
         tokens = torch.cat([tokens.index_select(0, order), next_tokens.view(-1, 1)], dim=1)
-        _reorder_cache(cache, order)
+        reorder(order)
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

@@ -94,6 +94,20 @@ def pack_prompts(prompts: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
     return prompts.gather(1, order), lengths
 
 
+def prepare_prompts(model, prompts: Tensor, max_new_tokens: int) -> tuple[Tensor, Tensor]:
+    """Check the request and :func:`pack_prompts`: ``(B, P)`` -> (right-padded ``(B, P)``, lengths ``(B,)``)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens} is negative; ask for 0 or more tokens.")
+    if prompts.dim() != 2:
+        raise ValueError(f"prompts must be (batch, length) token ids, got shape {tuple(prompts.shape)}; "
+                         "add a batch dimension with prompts[None].")
+    tokens, lengths = pack_prompts(prompts, model.pad_token_id)
+    if int(lengths.max()) > model.max_len:
+        raise ValueError(f"a prompt of {int(lengths.max())} tokens exceeds the model's max_len={model.max_len}; "
+                         "shorten the prompt or use a model with more positions.")
+    return tokens, lengths
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -128,16 +142,8 @@ def generate(
     Returns:
         ``(B, L)`` ids: each row's prompt, then its continuation, then ``pad_token_id``.
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens} is negative; ask for 0 or more tokens.")
-    if prompts.dim() != 2:
-        raise ValueError(f"prompts must be (batch, length) token ids, got shape {tuple(prompts.shape)}; "
-                         "add a batch dimension with prompts[None].")
     pad = model.pad_token_id
-    tokens, lengths = pack_prompts(prompts, pad)
-    if int(lengths.max()) > model.max_len:
-        raise ValueError(f"a prompt of {int(lengths.max())} tokens exceeds the model's max_len={model.max_len}; "
-                         "shorten the prompt or use a model with more positions.")
+    tokens, lengths = prepare_prompts(model, prompts, max_new_tokens)
     ends = (lengths + max_new_tokens).clamp(max=model.max_len)  # each row's final length, at most
     total = int(ends.max())
     tokens = torch.cat([tokens, tokens.new_full((tokens.size(0), total - tokens.size(1)), pad)], dim=1)[:, :total]

@@ -9,12 +9,16 @@ training, evaluation and generation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from itertools import takewhile
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from ..data.batch import unpack_lines
+from ..data.batch import is_filler, unpack_lines
+from ..generation.decoding import Hypothesis
+from ..generation.prompt_search import beam_generate, prompt_beam_search
 from ..generation.sampling import generate
 from ..nn.causal import Cache, CausalTransformer
 from .base import TokenLevelModule
@@ -52,6 +56,9 @@ class CausalLMTransformer(TokenLevelModule):
         temperature: default sampling temperature of :meth:`generate`; 0 is greedy.
         top_k: default top-k filter of :meth:`generate` (None: off).
         top_p: default nucleus filter of :meth:`generate` (None: off).
+        beam_size: default beam width of :meth:`generate` and ``predict``; 1 is off (decode by
+            ``temperature``, ``top_k``, ``top_p``).
+        length_penalty: GNMT length-penalty exponent alpha of beam search (0 ranks by log-probability).
         activation_checkpointing: recompute each layer in backward instead of storing its activations.
     """
 
@@ -85,6 +92,8 @@ class CausalLMTransformer(TokenLevelModule):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        beam_size: int = 1,
+        length_penalty: float = 0.6,
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__(vocab_size, pad_token_id, label_smoothing)
@@ -116,6 +125,10 @@ class CausalLMTransformer(TokenLevelModule):
         """Empty incremental-decoding state for :meth:`forward`."""
         return self.transformer.init_cache()
 
+    def reorder_cache(self, cache: Cache, order: Tensor) -> None:
+        """Make cached row ``i`` the old row ``order[i]`` (beam search), in place."""
+        self.transformer.reorder_cache(cache, order)
+
     def output_projection(self) -> nn.Linear:
         return self.transformer.generator
 
@@ -131,17 +144,58 @@ class CausalLMTransformer(TokenLevelModule):
         inputs, targets = self.shift_targets(self.unpack_batch(batch))
         return self.decode_states(inputs, self.make_mask(inputs)), targets
 
+    def predict_step(self, batch, batch_idx: int) -> dict[str, list]:
+        """Continue each row, a line ``<s> ... </s>`` whose EOS is dropped, with :meth:`generate`'s defaults.
+
+        Returns ``{"tokens": continuation ids per row without BOS/EOS/padding, "index": the batch's, if any}``.
+        """
+        if is_filler(batch):
+            return {"tokens": [], "index": []}
+        lines = self.unpack_batch(batch)
+        hp = self.hparams
+        prompts = lines.masked_fill(lines == hp.eos_token_id, self.pad_token_id)
+        lengths = (prompts != self.pad_token_id).sum(1).tolist()
+        # generate packs each prompt to the front, so its continuation starts at the prompt's length.
+        tokens = [list(takewhile(lambda t: t not in (hp.eos_token_id, self.pad_token_id), row[n:]))
+                  for row, n in zip(self.generate(prompts).tolist(), lengths)]
+        index = batch["index"].tolist() if isinstance(batch, Mapping) and "index" in batch else None
+        return {"tokens": tokens, "index": index}
+
     def generate(self, prompts: Tensor, max_new_tokens: int | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-                 use_cache: bool = True) -> Tensor:
+                 use_cache: bool = True, beam_size: int | None = None, length_penalty: float | None = None) -> Tensor:
         """Continue prompts ``(B, P)`` (each starting with BOS, padded with ``pad_token_id``).
 
-        Arguments left ``None`` take this model's hyperparameters; ``temperature=0`` is greedy. Call
-        ``eval()`` first for deterministic output. Returns ``(B, L)`` ids: prompt, continuation, padding.
+        Arguments left ``None`` take this model's hyperparameters; ``temperature=0`` is greedy, and
+        ``beam_size > 1`` keeps each prompt's best beam (:meth:`beam_search`), which takes no
+        sampling argument. Call ``eval()`` first for deterministic output. Returns ``(B, L)`` ids:
+        prompt, continuation (ending in EOS unless cut by the length limit), padding.
         """
         hp = self.hparams
+        max_new_tokens = hp.max_new_tokens if max_new_tokens is None else max_new_tokens
+        beam_size = hp.beam_size if beam_size is None else beam_size
+        if beam_size > 1:
+            if (temperature, top_k, top_p) != (None, None, None):
+                raise ValueError(f"beam search (beam_size={beam_size}) does not sample, so it takes no temperature, "
+                                 "top_k or top_p; drop them, or set beam_size=1 (--beam-size 1) to sample.")
+            alpha = hp.length_penalty if length_penalty is None else length_penalty
+            return beam_generate(self, prompts, beam_size, max_new_tokens, hp.bos_token_id, hp.eos_token_id, alpha)
         return generate(
-            self, prompts, hp.max_new_tokens if max_new_tokens is None else max_new_tokens, hp.eos_token_id,
-            hp.temperature if temperature is None else temperature, hp.top_k if top_k is None else top_k,
-            hp.top_p if top_p is None else top_p, generator, use_cache,
+            self, prompts, max_new_tokens, hp.eos_token_id, hp.temperature if temperature is None else temperature,
+            hp.top_k if top_k is None else top_k, hp.top_p if top_p is None else top_p, generator, use_cache,
+        )
+
+    def beam_search(self, prompts: Tensor, beam_size: int | None = None, nbest: int = 1,
+                    max_new_tokens: int | None = None, length_penalty: float | None = None) -> list[list[Hypothesis]]:
+        """The ``nbest`` best continuations of each prompt ``(B, P)``, best first; tokens exclude the prompt and EOS.
+
+        Arguments left ``None`` take this model's hyperparameters (``beam_size`` at least ``nbest``).
+        Each :class:`Hypothesis` scores ``log P(continuation, EOS | prompt) / length_penalty``; see
+        :func:`~lightning_transformer.generation.prompt_search.prompt_beam_search`.
+        """
+        hp = self.hparams
+        return prompt_beam_search(
+            self, prompts, max(hp.beam_size, nbest) if beam_size is None else beam_size,
+            hp.max_new_tokens if max_new_tokens is None else max_new_tokens, hp.bos_token_id, hp.eos_token_id,
+            hp.length_penalty if length_penalty is None else length_penalty, nbest=nbest,
         )

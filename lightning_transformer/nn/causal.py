@@ -75,6 +75,14 @@ class CausalTransformer(nn.Module):
         """Empty incremental-decoding state: per layer keys/values, and which cached positions are not padding."""
         return {"layers": [{} for _ in self.layers], "keep": None}
 
+    def reorder_cache(self, cache: Cache, order: Tensor) -> None:
+        """Make cached row ``i`` the old row ``order[i]``, in place; ``order`` ``(B',)`` may repeat rows (beams)."""
+        for layer in cache["layers"]:
+            for name, state in layer.items():
+                layer[name] = state.index_select(0, order)
+        if cache["keep"] is not None:
+            cache["keep"] = cache["keep"].index_select(0, order)
+
     def cached_length(self, cache: Cache | None) -> int:
         """Number of positions ``P`` already in ``cache`` (0 without one)."""
         keep = cache["keep"] if cache is not None else None
