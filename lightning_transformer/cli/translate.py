@@ -1,11 +1,11 @@
-"""``lightning-transformer translate``: sentences in, translations out, from a checkpoint alone."""
+"""``lightning-transformer translate``: sentences in, translations out, from a checkpoint or a CTranslate2 export alone."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from ..callbacks.writers import write_atomically
 from ..data.tokenizer import Tokenizer
+from ..export.ct2_translator import CT2Translator, encode_sources
 from ..modules.seq2seq import Seq2SeqTransformer
 from .loading import load_model, tokenizer_from_checkpoint  # noqa: F401 (re-exported for callers)
 
@@ -29,14 +30,7 @@ def translate(model: Seq2SeqTransformer, tokenizer: Tokenizer, sentences: Sequen
 
     A sentence longer than the model's ``max_len`` (EOS included) is cut to it, with one warning for all.
     """
-    max_len = model.hparams.max_len
-    encoded = [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch(list(sentences))]
-    too_long = sum(len(ids) > max_len for ids in encoded)
-    if too_long:
-        warnings.warn(f"{too_long} of {len(encoded)} sentences are longer than the model's max_len={max_len} tokens "
-                      "(EOS included) and were truncated to it; split them or use a model with a larger max_len.",
-                      stacklevel=2)
-        encoded = [ids if len(ids) <= max_len else ids[: max_len - 1] + [tokenizer.eos_id] for ids in encoded]
+    encoded = [ids + [tokenizer.eos_id] for ids in encode_sources(tokenizer, sentences, model.hparams.max_len)]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
     with tqdm(total=len(encoded), disable=not progress, unit="sent", file=sys.stderr) as bar:
@@ -54,9 +48,20 @@ def _read_lines(source: Iterable[str]) -> list[str]:
     return [line.rstrip("\n") for line in source]
 
 
+def _translator(path: str, device: str) -> Callable[[list[str], int | None, float | None, int], list[str]]:
+    """``translate(sentences, beam_size, length_penalty, batch_size)`` through a CTranslate2 export or a checkpoint."""
+    if Path(path).is_dir():
+        engine = CT2Translator(path, device)
+        return lambda sentences, beam, alpha, batch: engine.translate(sentences, beam, alpha, batch, progress=True)
+    model, tokenizer = load_translator(path, device)
+    return lambda sentences, beam, alpha, batch: translate(model, tokenizer, sentences, beam, batch, progress=True,
+                                                           length_penalty=alpha)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lightning-transformer translate", description=__doc__)
-    parser.add_argument("checkpoint", help="a .ckpt file written by `lightning-transformer fit`")
+    parser.add_argument("checkpoint", help="a .ckpt file written by `lightning-transformer fit`, or a folder written "
+                                           "by `lightning-transformer export --format ct2`")
     parser.add_argument("--input", "-i", default="-", help="one sentence a line; '-' reads stdin")
     parser.add_argument("--output", "-o", default="-", help="where translations go; '-' writes stdout")
     parser.add_argument("--beam-size", type=int, default=None, help="default: the model's beam_size")
@@ -66,20 +71,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.input != "-" and not Path(args.input).is_file():
         raise SystemExit(f"error: input file {args.input} does not exist; pass a text file, one sentence a line, or '-'.")
-    model, tokenizer = load_translator(args.checkpoint, args.device)
+    output_path = None if args.output == "-" else Path(args.output)
+    if output_path is not None and output_path.exists():
+        raise SystemExit(f"error: {output_path} exists; choose another --output, translations never overwrite a file.")
+    try:
+        translator = _translator(args.checkpoint, args.device)
+    except (FileNotFoundError, ValueError, ImportError) as error:
+        raise SystemExit(f"error: {error}") from None
     if args.input == "-":
         sentences = _read_lines(sys.stdin)
     else:
         with open(args.input, encoding="utf-8") as handle:
             sentences = _read_lines(handle)
-    output_path = None if args.output == "-" else Path(args.output)
-    if output_path is not None and output_path.exists():
-        raise SystemExit(f"error: {output_path} exists; choose another --output, translations never overwrite a file.")
     with warnings.catch_warnings():
         # One plain line (e.g. over-long input), not the source excerpt Python shows by default.
         warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}", file=sys.stderr)
-        translations = translate(model, tokenizer, sentences, args.beam_size, args.batch_size, progress=True,
-                                 length_penalty=args.length_penalty)
+        translations = translator(sentences, args.beam_size, args.length_penalty, args.batch_size)
     text = "".join(line + "\n" for line in translations)
     if output_path is None:
         sys.stdout.write(text)
