@@ -84,3 +84,8 @@ def test_checkpoints_of_another_model_class_are_refused(small_run, tmp_path):
     other = edited_copy(path, tmp_path, "other.ckpt", lambda c: c.update(model_class="somewhere.Else"))
     with pytest.raises(ValueError, match=r"saved by somewhere\.Else, .* by lightning_transformer\.modules\.seq2seq\.Seq2Seq"):
         average_checkpoints([path, other])
+
+
+def test_asking_for_no_checkpoints_is_refused_not_read_as_all(small_run):
+    with pytest.raises(ValueError, match="cannot average the last 0 checkpoints"):
+        last_checkpoints(small_run[0] / "checkpoints", 0)

@@ -13,7 +13,7 @@ from lightning_transformer import (
 )
 from lightning_transformer.cli.translate import main as translate_main
 from lightning_transformer.cli.translate import translate
-from lightning_transformer.generation.decoding import max_output_lengths
+from lightning_transformer.generation.decoding import max_output_lengths, sampler
 
 PAD, BOS, EOS, A, B = 0, 1, 2, 3, 4
 
@@ -211,3 +211,47 @@ def test_translate_cli_reports_over_long_input_in_one_line(tmp_path, capsys):
     assert errors == ["warning: 1 of 2 sentences are longer than the model's max_len=8 tokens (EOS included) and "
                       "were truncated to it; split them or use a model with a larger max_len."]
     assert len(target.read_text(encoding="utf-8").splitlines()) == 2
+
+
+# ----- sampling through greedy_decode's next-token rule ------------------------------------------------------------
+def test_sampling_draws_whole_translations_with_the_models_probabilities():
+    src = torch.tensor([[5, 6, 7]]).expand(4000, -1)
+    choose = sampler(generator=torch.Generator().manual_seed(0))
+    drawn = greedy_decode(TableModel(), src, 10, PAD, BOS, EOS, choose=choose)
+    frequencies = {seq: sum(tuple(d) == seq for d in drawn) / len(drawn) for seq in [(B,), (B, A), (A,), (A, B)]}
+    expected = {(B,): 0.4 * 0.9, (B, A): 0.4 * 0.1, (A,): 0.6 * 0.45, (A, B): 0.6 * 0.55}
+    assert frequencies == pytest.approx(expected, abs=0.03)  # 4000 draws: standard error below 0.008
+
+
+class LovesSpecials(Seq2SeqTransformer):
+    """A model whose padding and BOS logits dwarf every other, so only the decoder's masking keeps them out."""
+
+    def project(self, states):
+        logits = super().project(states)
+        return logits + 1e4 * torch.nn.functional.one_hot(torch.tensor([PAD, BOS]), logits.size(-1)).sum(0)
+
+
+def test_sampling_never_draws_padding_or_bos_and_keeps_each_sentences_limit():
+    torch.manual_seed(0)
+    model = LovesSpecials(src_vocab_size=30, tgt_vocab_size=30, d_model=32, nhead=4, num_encoder_layers=1,
+                          num_decoder_layers=1, dim_feedforward=64).eval()
+    src = torch.randint(3, 30, (6, 5))
+    limits = torch.tensor([1, 2, 3, 4, 5, 6])
+    for choose in (None, sampler(temperature=2.0, generator=torch.Generator().manual_seed(0))):
+        decoded = greedy_decode(model, src, limits, PAD, BOS, EOS, choose=choose)
+        assert all(PAD not in tokens and BOS not in tokens and EOS not in tokens for tokens in decoded)
+        assert all(len(tokens) < limit for tokens, limit in zip(decoded, limits.tolist()))  # EOS fills the last
+
+
+def test_seeded_sampling_reproduces_and_cold_or_top_1_sampling_is_greedy():
+    model = tiny_model()
+    src = torch.randint(3, 30, (8, 6))
+    src[3, 2:] = PAD
+
+    def draw(seed, **options):
+        return greedy_decode(model, src, 9, PAD, BOS, EOS, choose=sampler(**options,
+                                                                         generator=torch.Generator().manual_seed(seed)))
+
+    assert draw(1) == draw(1) != draw(2)
+    greedy = greedy_decode(model, src, 9, PAD, BOS, EOS)
+    assert draw(1, temperature=1e-4) == draw(2, top_k=1) == draw(3, temperature=0.0) == greedy

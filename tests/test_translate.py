@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from lightning.pytorch import Trainer
 from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.callbacks import TranslationWriter
 from lightning_transformer.cli.average import average_checkpoints
-from lightning_transformer.cli.translate import load_translator, tokenizer_from_checkpoint, translate
+from lightning_transformer.cli.translate import load_translator, open_translator, tokenizer_from_checkpoint, translate
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ["I am hungry.", "Where is the station?", "Tom likes cats.", "Go."]
@@ -180,3 +181,67 @@ def test_hyperparameters_the_class_does_not_take_are_refused_not_dropped(small_r
     torch.save(checkpoint, tmp_path / "old_subclass.ckpt")
     with pytest.raises(ValueError, match=r"hyperparameters \['temperature'\] that Seq2SeqTransformer does not take"):
         load_translator(tmp_path / "old_subclass.ckpt")
+
+
+# ----- n-best lists and sampling, from a checkpoint and from its CTranslate2 export --------------------------------
+NBEST_LINE = re.compile(r"^(\d+) \|\|\| (.*) \|\|\| F0= (-?\d+\.\d{4}) \|\|\| (-?\d+\.\d{4})$")
+
+
+@pytest.fixture(scope="module")
+def engines(small_run, small_corpus, tmp_path_factory):
+    """``{"checkpoint": path, "ct2": its export folder}`` (no ct2 without the extra), a 12-line file, its lines."""
+    checkpoint = small_run[0] / "checkpoints" / "last.ckpt"
+    folder = tmp_path_factory.mktemp("engines")
+    paths = {"checkpoint": checkpoint}
+    try:
+        from lightning_transformer.export.ct2 import export_ct2
+
+        paths["ct2"] = export_ct2(*load_translator(checkpoint), folder / "ct2", None)
+    except ImportError:
+        pass
+    lines = (small_corpus / "validation.tsv").read_text(encoding="utf-8").splitlines()[1:9]
+    sentences = SENTENCES + [line.split("\t")[0] for line in lines]
+    (folder / "in.txt").write_text("".join(s + "\n" for s in sentences), encoding="utf-8")
+    return paths, folder / "in.txt", sentences
+
+
+def engine_path(engines, name):
+    if name not in engines[0]:
+        pytest.skip("ctranslate2 is not installed")
+    return engines[0][name]
+
+
+@pytest.mark.parametrize("engine", ["checkpoint", "ct2"])
+def test_nbest_lists_from_the_command_line(engines, engine):
+    path, (_, source, sentences) = engine_path(engines, engine), engines
+    result = cli(str(path), "--input", str(source), "--nbest", "2")  # the model's beam size is 2
+    assert result.returncode == 0, result.stderr[-2000:]
+    parsed = [NBEST_LINE.match(line) for line in result.stdout.splitlines()]
+    assert all(parsed) and len(parsed) == 2 * len(sentences)
+    assert [int(m[1]) for m in parsed] == [i for i in range(len(sentences)) for _ in range(2)]
+    scores = [float(m[4]) for m in parsed]
+    assert all(scores[i] >= scores[i + 1] for i in range(0, len(scores), 2))  # best first
+    assert all(float(m[3]) <= float(m[4]) < 0 for m in parsed)  # F0 over a GNMT penalty >= 1
+    assert [m[2] for m in parsed[::2]] == open_translator(str(path)).translate(sentences)
+
+
+@pytest.mark.parametrize("engine", ["checkpoint", "ct2"])
+def test_sampling_from_the_command_line_is_the_seeded_library_call(engines, engine):
+    path, (_, source, sentences) = engine_path(engines, engine), engines
+    result = cli(str(path), "--input", str(source), "--sampling", "--temperature", "0.8", "--top-p", "0.9",
+                 "--seed", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = open_translator(str(path), seed=3).sample(sentences, temperature=0.8, top_p=0.9)
+    assert result.stdout.splitlines() == expected
+
+
+@pytest.mark.parametrize("engine", ["checkpoint", "ct2"])
+def test_sampling_is_reproducible_differs_by_seed_and_tends_to_greedy(engines, engine):
+    path, (_, _, sentences) = engine_path(engines, engine), engines
+    draws = [open_translator(str(path), seed=seed).sample(sentences) for seed in (1, 1, 2)]
+    assert draws[0] == draws[1] != draws[2]
+    translator = open_translator(str(path), seed=1)
+    greedy = translator.translate(sentences, beam_size=1)
+    assert translator.sample(sentences, temperature=1e-3) == greedy
+    assert translator.sample(sentences, top_k=1) == greedy
+    assert translator.sample(sentences, temperature=0.0) == greedy

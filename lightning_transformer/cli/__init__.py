@@ -1,4 +1,5 @@
-"""``lightning-transformer``: LightningCLI (fit, validate, test, predict) and the translate, generate and average commands."""
+"""``lightning-transformer``: LightningCLI (fit, validate, test, predict) and the translate, generate, score,
+average and export commands."""
 
 from .main import TransformerCLI, main
 

@@ -1,14 +1,15 @@
-"""``lightning-transformer average``: the mean of the last N checkpoints' weights (the paper's base models averaged 5)."""
+"""``lightning-transformer average``: the mean of the last N checkpoints' weights (the paper averaged 5 for base
+models)."""
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import load_checkpoint, stored_tokenizer
+from . import io
 
 
 def average_checkpoints(paths: Sequence[str | Path]) -> dict:
@@ -24,6 +25,9 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict:
     checkpoint: dict = {}
     for i, path in enumerate(paths):
         checkpoint = load_checkpoint(path)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} holds no model weights (no state_dict), so it is no checkpoint of "
+                             "`lightning-transformer fit`; average the .ckpt files that fit wrote.")
         if i == 0:
             first = _identity(checkpoint)
         else:
@@ -33,7 +37,8 @@ def average_checkpoints(paths: Sequence[str | Path]) -> dict:
             raise ValueError(f"{path} holds other parameters than {paths[0]}; average checkpoints of one run only.")
         for name, tensor in state.items():
             if name in total and total[name].shape != tensor.shape:
-                raise ValueError(f"{name} has shape {tuple(tensor.shape)} in {path} but {tuple(total[name].shape)} before.")
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)} in {path} but {tuple(total[name].shape)} "
+                                 "before; average checkpoints of one run only.")
             if tensor.is_floating_point():
                 total[name] = total[name] + tensor.double() if name in total else tensor.double()
             else:
@@ -77,6 +82,10 @@ def _value(hparams: dict, name: str) -> str:
 
 def last_checkpoints(folder: str | Path, n: int) -> list[Path]:
     """The ``n`` most recent checkpoints in ``folder`` by training step (``last*.ckpt`` excluded)."""
+    if n < 1:  # a slice [-0:] would keep them all
+        raise ValueError(f"cannot average the last {n} checkpoints; ask for 1 or more.")
+    if not Path(folder).is_dir():
+        raise NotADirectoryError(f"--dir {folder} is not a folder; pass the folder holding the run's checkpoints.")
     found = [p for p in Path(folder).glob("*.ckpt") if not p.name.startswith("last")]
     if len(found) < n:
         raise ValueError(
@@ -88,18 +97,19 @@ def last_checkpoints(folder: str | Path, n: int) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-transformer average", description=__doc__)
+    parser = io.ArgumentParser(prog="lightning-transformer average", description=__doc__)
     parser.add_argument("checkpoints", nargs="*", help="checkpoint files to average")
     parser.add_argument("--dir", help="average the last --last checkpoints of this folder instead")
-    parser.add_argument("--last", type=int, default=5)
+    parser.add_argument("--last", type=io.positive_int, default=5, help="how many of --dir's checkpoints (default 5)")
     parser.add_argument("--output", "-o", required=True, help="where the averaged checkpoint goes (must not exist)")
     args = parser.parse_args(argv)
-    output = Path(args.output)
-    if output.exists():
-        raise SystemExit(f"error: {output} exists; choose another --output, averaging never overwrites a file.")
-    paths = last_checkpoints(args.dir, args.last) if args.dir else args.checkpoints
-    averaged = average_checkpoints(paths)
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save(averaged, tmp)
-    tmp.replace(output)
+    with io.one_line_errors():
+        output = io.check_new_file(args.output)
+        if args.dir and args.checkpoints:
+            raise ValueError("pass checkpoint files or --dir, not both; average one run's checkpoints one way.")
+        paths = last_checkpoints(args.dir, args.last) if args.dir else args.checkpoints
+        averaged = average_checkpoints(paths)
+        tmp = output.with_name(output.name + ".tmp")
+        torch.save(averaged, tmp)
+        tmp.replace(output)
     print(f"averaged {len(paths)} checkpoints into {output}: " + ", ".join(str(p) for p in paths))

@@ -6,29 +6,27 @@ checkpoint would); ``--format hf`` a Hugging Face Marian model.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..export.ct2 import QUANTIZATIONS, export_ct2, import_ctranslate2
+from . import io
 from .translate import load_translator
 
 FORMATS = ("ct2", "hf")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lightning-transformer export", description=__doc__)
+    parser = io.ArgumentParser(prog="lightning-transformer export", description=__doc__)
     parser.add_argument("checkpoint", help="a .ckpt file written by `lightning-transformer fit`")
     parser.add_argument("--format", required=True, help="ct2 (CTranslate2) or hf (Hugging Face Marian)")
     parser.add_argument("--output", "-o", required=True, help="a new (or empty) folder for the model")
     parser.add_argument("--quantization", default=None,
                         help="ct2 only: weight type, e.g. int8, int8_float32, bfloat16, float16 (default: float32)")
     args = parser.parse_args(argv)
-    try:
+    with io.one_line_errors():
         path = _export(args.checkpoint, args.format, Path(args.output), args.quantization)
-    except (FileNotFoundError, FileExistsError, ValueError, ImportError) as error:
-        raise SystemExit(f"error: {error}") from None
     print(f"exported {args.checkpoint} to {path}", file=sys.stderr)
 
 
@@ -43,6 +41,8 @@ def _export(checkpoint: str, engine: str, output: Path, quantization: str | None
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise FileExistsError(f"{output} exists and is not an empty folder; choose a new --output, an export never "
                               "overwrites.")
+    if not output.parent.is_dir():
+        raise FileNotFoundError(f"the folder of --output {output} does not exist; create it or export elsewhere.")
     if engine == "ct2":
         import_ctranslate2()  # fails before the checkpoint is read when the extra is missing
     model, tokenizer = load_translator(checkpoint)

@@ -49,9 +49,16 @@ def model_class(checkpoint: dict, base: type[Model], path: str | Path = "the che
     return cls
 
 
-def load_model(path: str | Path, base: type[Model], map_location: str | torch.device = "cpu") -> tuple[Model, Tokenizer]:
-    """Model (in eval mode) and tokenizer from one checkpoint, the model rebuilt as the ``base`` subclass that saved it."""
+def load_model(path: str | Path, base: type[Model],
+               map_location: str | torch.device = "cpu") -> tuple[Model, Tokenizer]:
+    """Model (in eval mode) and tokenizer from one checkpoint, rebuilt as the ``base`` subclass that saved it."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint; pass a .ckpt file written by "
+                                "`lightning-transformer fit`.")
     checkpoint = load_checkpoint(path, map_location)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} holds no model weights (no state_dict), so it is no checkpoint of "
+                         "`lightning-transformer fit`; pass the .ckpt file that fit wrote.")
     cls = model_class(checkpoint, base, path)
     # Keys with a leading underscore are the CLI's bookkeeping (_class_path, _instantiator), not arguments.
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
@@ -62,8 +69,14 @@ def load_model(path: str | Path, base: type[Model], map_location: str | torch.de
             f"{path} holds hyperparameters {unknown} that {cls.__qualname__} does not take, so it was saved by another "
             "class or version; load it with the code that trained it."
         )
-    model = cls(**hparams)
-    model.load_state_dict(checkpoint["state_dict"])
+    try:
+        model = cls(**hparams)
+        model.load_state_dict(checkpoint["state_dict"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        # load_state_dict lists every missing or misshapen weight over many lines; its first finding is enough.
+        finding = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise ValueError(f"{path} does not rebuild as {cls.__qualname__} ({finding[:300]}); the checkpoint is "
+                         "inconsistent, use the one `lightning-transformer fit` wrote.") from None
     tokenizer = tokenizer_from_checkpoint(checkpoint, path)
     vocab_size = model.output_projection().out_features
     if tokenizer.vocab_size > vocab_size:

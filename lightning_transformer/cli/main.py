@@ -1,5 +1,5 @@
-"""``lightning-transformer``: ``fit|validate|test|predict`` through LightningCLI, plus ``translate``, ``generate``,
-``average`` and ``export``."""
+"""``lightning-transformer``: ``fit|validate|test|predict`` through LightningCLI, plus ``translate``, ``score``,
+``generate``, ``average`` and ``export``."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ from lightning.pytorch.cli import LightningCLI
 
 from ..checkpoint import check_checkpoint_path
 from ..modules.base import TokenLevelModule
-from . import average, export, generate, translate
+from . import average, export, generate, score, translate
 from .allocator import tune_malloc
 
-TOOLS = {"translate": translate.main, "generate": generate.main, "average": average.main, "export": export.main}
+TOOLS = {"translate": translate.main, "score": score.main, "generate": generate.main, "average": average.main,
+         "export": export.main}
 
 #: The config every run starts from, before its own --config files (``--print_config`` shows it).
 DEFAULTS = Path(__file__).with_name("defaults.yaml")

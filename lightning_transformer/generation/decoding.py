@@ -1,4 +1,4 @@
-"""Autoregressive decoding, greedy and beam search, over a model's ``encode`` / ``decode`` hooks.
+"""Autoregressive decoding, greedy (or sampled) and beam search, over a model's ``encode`` / ``decode`` hooks.
 
 The model is anything with ``encode(src, src_mask) -> memory``, ``init_cache()`` and
 ``decode(tgt, memory, tgt_mask, src_mask, cache) -> logits`` (e.g. ``Seq2SeqTransformer``); its
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..nn.masks import create_padding_mask
+from .sampling import sample_next
 
 
 @dataclass
@@ -85,15 +87,28 @@ def _reorder_cache(cache: list[dict], order: Tensor) -> None:
                 state[key] = value.index_select(0, order)
 
 
+#: Next tokens ``(B,)`` from last-position logits ``(B, V)`` whose padding and BOS columns are ``-inf``.
+Choose = Callable[[Tensor], Tensor]
+
+
+def sampler(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+            generator: torch.Generator | None = None) -> Choose:
+    """:func:`greedy_decode`'s ``choose`` drawing as :func:`~.sampling.sample_next` does (temperature 0: argmax)."""
+    return functools.partial(sample_next, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+
+
 @decoding_mode
-def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token_id: int,
-                  eos_token_id: int, max_positions: int | None = None) -> list[list[int]]:
-    """Pick the most likely next token (never padding or BOS) until every sentence has emitted EOS.
+def greedy_decode(model, src: Tensor, max_len: int | Tensor, pad_token_id: int, bos_token_id: int,
+                  eos_token_id: int, max_positions: int | None = None, choose: Choose | None = None) -> list[list[int]]:
+    """Pick one next token a step (the most likely, or ``choose``'s; never padding or BOS) until every sentence ends.
 
     Args:
         src: source ids ``(B, S)``.
-        max_len: most tokens generated per sentence, EOS included: the last one is forced to EOS.
+        max_len: most tokens generated per sentence, EOS included, for all or per sentence ``(B,)``
+            (e.g. :func:`max_output_lengths`): the last one is forced to EOS.
         max_positions: the model's positional table (``hparams.max_len``), which caps ``max_len``.
+        choose: next-token rule, e.g. :func:`sampler`; default argmax. At a sentence's limit it sees
+            every token but EOS at ``-inf``.
 
     Returns:
         One list of token ids per sentence, without BOS, EOS or padding.
@@ -102,13 +117,15 @@ def greedy_decode(model, src: Tensor, max_len: int, pad_token_id: int, bos_token
     memory, cache = model.encode(src, src_mask), model.init_cache()
     ys = torch.full((src.size(0), 1), bos_token_id, dtype=torch.long, device=src.device)
     finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
-    max_len = max_len if max_positions is None else min(max_len, max_positions)
-    for step in range(max_len):
+    limits = torch.as_tensor(max_len, device=src.device).expand(src.size(0))
+    limits = limits if max_positions is None else limits.clamp(max=max_positions)
+    for step in range(int(limits.max()) if limits.numel() else 0):
         logits = model.decode(ys[:, -1:], memory, None, src_mask, cache)[:, -1]
         logits[:, [pad_token_id, bos_token_id]] = -math.inf
-        if step == max_len - 1:
-            logits[:, torch.arange(logits.size(-1), device=src.device) != eos_token_id] = -math.inf
-        next_token = logits.argmax(dim=-1).masked_fill(finished, pad_token_id)
+        at_limit = limits <= step + 1  # (B,): only EOS may follow
+        not_eos = torch.arange(logits.size(-1), device=src.device) != eos_token_id
+        logits = logits.masked_fill(at_limit[:, None] & not_eos, -math.inf)
+        next_token = (logits.argmax(dim=-1) if choose is None else choose(logits)).masked_fill(finished, pad_token_id)
         ys = torch.cat([ys, next_token[:, None]], dim=1)
         finished |= next_token == eos_token_id
         if finished.all():

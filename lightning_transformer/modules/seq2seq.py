@@ -167,9 +167,12 @@ class Seq2SeqTransformer(TokenLevelModule):
         index = batch["index"].tolist() if isinstance(batch, Mapping) and "index" in batch else None
         return {"tokens": [hyps[0].tokens for hyps in self.translate_ids(src)], "index": index}
 
-    def translate_ids(self, src: Tensor, beam_size: int | None = None, length_penalty: float | None = None) -> list[list]:
-        """Beam search over source ids ``(B, S)``; arguments left ``None`` take this model's hyperparameters."""
+    def translate_ids(self, src: Tensor, beam_size: int | None = None, length_penalty: float | None = None,
+                      nbest: int = 1) -> list[list]:
+        """Beam search over source ids ``(B, S)``: each sentence's ``nbest`` best hypotheses; arguments left
+        ``None`` take this model's hyperparameters."""
         hp = self.hparams
         alpha = hp.length_penalty if length_penalty is None else length_penalty
         return beam_search(self, src, beam_size or hp.beam_size, hp.max_decode_len_a, hp.max_decode_len_b,
-                           self.pad_token_id, hp.bos_token_id, hp.eos_token_id, alpha, max_positions=hp.max_len)
+                           self.pad_token_id, hp.bos_token_id, hp.eos_token_id, alpha, nbest=nbest,
+                           max_positions=hp.max_len)
