@@ -33,7 +33,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", 
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
-        if "GLOBAL" not in str(error) and "Unsupported" not in str(error):  # damaged, not hostile
+        # torch names a refused class "Unsupported global: GLOBAL …"; an unknown opcode ("Unsupported
+        # operand") means a damaged or foreign file, not a hostile one.
+        if "GLOBAL" not in str(error):
             raise _unreadable(path, error) from None
         raise UnsafeCheckpointError(
             f"checkpoint {path} holds pickled objects other than tensors and plain values, and opening it could run "
