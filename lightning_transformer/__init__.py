@@ -5,6 +5,14 @@ The subpackages are the layers of the design: ``nn`` (pure-torch building blocks
 (decoding), ``callbacks`` and ``cli``.
 """
 
+try:
+    # Before torch: imported after it, CTranslate2's decoding ran 2x slower on the project's machine
+    # (7.6 s instead of 3.6 s for Multi30k validation, benchmarks/results/inference.md), its bundled
+    # libraries then resolving symbols against those torch loaded first.
+    import ctranslate2  # noqa: F401
+except ImportError:  # an optional extra (lightning-transformer[ct2])
+    pass
+
 from .callbacks import TrainingDoctor, TranslationMetrics
 from .cli.allocator import tune_malloc
 from .data import LanguageModelDataModule, TranslationDataModule
