@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_transformer.nn.cpu_choices import machine_key, median_seconds
 from lightning_transformer.nn.layers import matmul_attention
 
 RESULTS = Path(__file__).parent / "results"
@@ -39,15 +37,6 @@ def sdpa(backend: SDPBackend | None):
 PATHS = {"SDPA default": sdpa(None), "SDPA math": sdpa(SDPBackend.MATH), "matmul_attention": matmul_attention}
 
 
-def median_ms(run, repeats: int) -> float:
-    run()
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds) * 1e3
-
 
 def measure(path, length: int, dtype: torch.dtype, training: bool, args) -> float:
     batch = max(1, args.tokens // length)
@@ -61,7 +50,7 @@ def measure(path, length: int, dtype: torch.dtype, training: bool, args) -> floa
             with torch.inference_mode():
                 path(q, k, v, mask)
 
-    return median_ms(run, args.repeats)
+    return median_seconds(run, args.repeats) * 1e3
 
 
 def main() -> None:
@@ -69,12 +58,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="batch x length, kept fixed across lengths")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--output", type=Path, default=RESULTS / "attention_paths.md")
     args = parser.parse_args()
     lines = [
         f"# Attention paths: ms per call, {args.tokens} query tokens (batch = tokens / length), {args.heads} heads "
         "of 64, causal bool mask",
         "",
-        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
+        f"{datetime.date.today()} · {machine_key().split(" | ")[0]} · torch {torch.__version__} · "
         f"{torch.get_num_threads()} threads · median of {args.repeats} · "
         f"`python benchmarks/attention_paths.py --tokens {args.tokens} --heads {args.heads} --repeats {args.repeats}`",
         "",
@@ -91,8 +81,8 @@ def main() -> None:
                              f"{min(times, key=times.get)} |")
     report = "\n".join(lines) + "\n"
     print(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention_paths.md").write_text(report)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(report)
 
 
 if __name__ == "__main__":
