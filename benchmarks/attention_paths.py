@@ -64,7 +64,7 @@ def main() -> None:
         f"# Attention paths: ms per call, {args.tokens} query tokens (batch = tokens / length), {args.heads} heads "
         "of 64, causal bool mask",
         "",
-        f"{datetime.date.today()} · {machine_key().split(" | ")[0]} · torch {torch.__version__} · "
+        f"{datetime.date.today()} · {machine_key().split(' | ')[0]} · torch {torch.__version__} · "
         f"{torch.get_num_threads()} threads · median of {args.repeats} · "
         f"`python benchmarks/attention_paths.py --tokens {args.tokens} --heads {args.heads} --repeats {args.repeats}`",
         "",
