@@ -33,7 +33,7 @@ class CompletionCheck(Callback):
         if done < 1.0:
             rank_zero_warn(
                 f"training stopped at optimizer step {trainer.global_step} of the {int(scheduled)} scheduled "
-                f"({done:.0%}) because {self._reason(trainer)}; the learning-rate schedule and the last checkpoints "
+                f"({done:.1%}) because {self._reason(trainer)}; the learning-rate schedule and the last checkpoints "
                 "are those of a shorter run. Raise trainer.max_time (a safety net, not the schedule) or shorten "
                 "max_steps/max_epochs to what the machine trains in time.",
                 category=RunCutShort,
