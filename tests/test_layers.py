@@ -115,7 +115,7 @@ def cheap_dropout(request, monkeypatch):
 def matmul_below(monkeypatch):
     """Pins the measured attention crossover, so a test takes the path it is about on any CPU."""
     def pin(keys: int) -> None:
-        monkeypatch.setattr(layers, "matmul_attention_max_keys", lambda head_dim, dtype: keys)
+        monkeypatch.setattr(layers, "matmul_attention_max_keys", lambda mode, head_dim, dtype: keys)
     return pin
 
 
@@ -181,17 +181,37 @@ def test_every_attention_path_matches_float64_reference(path, dtype, atol):
         assert torch.allclose(leaf.grad.double(), ref.grad, atol=5 * atol)
 
 
-def test_matmul_attention_is_chosen_for_cpu_low_precision_training_up_to_the_measured_length(matmul_below):
-    bf16 = torch.zeros(1, dtype=torch.bfloat16)
-    matmul_below(256)
-    assert use_matmul_attention(bf16, 64) and use_matmul_attention(bf16, 256)
-    assert not use_matmul_attention(bf16, 257)
-    matmul_below(0)  # a CPU where SDPA always won
-    assert not use_matmul_attention(bf16, 16)
-    matmul_below(256)
-    assert not use_matmul_attention(torch.zeros(1), 64)
+def test_matmul_attention_is_chosen_up_to_the_length_measured_for_the_workload(monkeypatch):
+    asked = []
+
+    def measured(mode, head_dim, dtype):
+        asked.append((mode, head_dim, dtype))
+        return {"train": 256, "forward": 32, "step": 128}[mode]
+
+    monkeypatch.setattr(layers, "matmul_attention_max_keys", measured)
+    bf16, step = torch.zeros(2, 4, 5, 8, dtype=torch.bfloat16), torch.zeros(2, 4, 1, 8)
+    assert use_matmul_attention(bf16, 256) and not use_matmul_attention(bf16, 257)
     with torch.no_grad():
-        assert not use_matmul_attention(bf16, 64)
+        assert use_matmul_attention(bf16, 32) and not use_matmul_attention(bf16, 33)
+        assert use_matmul_attention(step, 128) and not use_matmul_attention(step, 129)
+        assert not use_matmul_attention(step.double(), 1)  # float64 references keep SDPA
+    assert asked[::2] == [("train", 8, torch.bfloat16), ("forward", 8, torch.bfloat16), ("step", 8, torch.float32)]
+    monkeypatch.setattr(layers, "matmul_attention_max_keys", lambda mode, head_dim, dtype: 0)  # SDPA always won
+    assert not use_matmul_attention(bf16, 16)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["with grad", "without grad"])
+def test_both_attention_kernels_give_the_same_decoding_step(grad, monkeypatch):
+    torch.manual_seed(0)
+    attn = MultiHeadAttention(16, 4).eval()
+    cache, x = {}, torch.randn(3, 4, 16)
+    outs = {}
+    for keys in (0, 512):
+        monkeypatch.setattr(layers, "matmul_attention_max_keys", lambda mode, head_dim, dtype, keys=keys: keys)
+        with torch.set_grad_enabled(grad):
+            cache = {}
+            outs[keys] = torch.cat([attn(x[:, i : i + 1], cache=cache) for i in range(4)], 1)
+    assert torch.allclose(outs[0], outs[512], atol=1e-6)
 
 
 def test_cross_attention_with_grouped_memory_equals_repeated_memory():

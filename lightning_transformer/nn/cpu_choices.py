@@ -1,6 +1,6 @@
 """Speed choices that depend on the processor: timed once on the running machine, then cached.
 
-Which attention kernel wins in low-precision training, and whether drawing dropout masks 16 bits
+Which attention kernel wins (in training, in inference forward passes, in decoding steps), and whether drawing dropout masks 16 bits
 at a time pays, differ between CPUs (an AMX Xeon and an AVX512-BF16 EPYC disagree; see
 ``benchmarks/results/attention_paths*.md``). So neither is a constant: each is measured the first
 time a process needs it and stored in ``$XDG_CACHE_HOME/lightning_transformer/cpu_choices.json``
@@ -100,23 +100,30 @@ def longest_winning_length(faster: dict[int, bool]) -> int:
 
 
 @isolated
-def measure_attention(head_dim: int, dtype: torch.dtype, tokens: int = 1024, heads: int = 4) -> int:
-    """Longest key length at which :func:`~.layers.matmul_attention` beats SDPA, forward + backward in ``dtype``."""
+def measure_attention(head_dim: int, dtype: torch.dtype, mode: str = "train", tokens: int = 1024,
+                      heads: int = 4) -> int:
+    """Longest key length at which :func:`~.layers.matmul_attention` beats SDPA in ``dtype`` for ``mode``:
+    ``"train"`` forward + backward with a query per key, ``"forward"`` the same without gradients,
+    ``"step"`` one query per row without gradients (a decoding step over ``tokens // 4`` beams)."""
     from .layers import matmul_attention
 
     generator = torch.Generator().manual_seed(0)
     faster = {}
     for length in ATTENTION_LENGTHS:
-        batch = max(1, tokens // length)
-        q, k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(dtype).requires_grad_()
-                   for _ in range(3))
-        mask = torch.ones(length, length, dtype=torch.bool).tril()
+        batch, queries = (tokens // 4, 1) if mode == "step" else (max(1, tokens // length), length)
+        q = torch.randn(batch, heads, queries, head_dim, generator=generator).to(dtype)
+        k, v = (torch.randn(batch, heads, length, head_dim, generator=generator).to(dtype) for _ in range(2))
+        mask = torch.ones(queries, length, dtype=torch.bool).tril(length - queries)
+        if mode == "train":
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
 
-        def step(attend):
-            return lambda: attend(q, k, v, mask).float().sum().backward()
+        def run(attend):
+            if mode == "train":
+                return lambda: attend(q, k, v, mask).float().sum().backward()
+            return lambda: torch.no_grad()(attend)(q, k, v, mask)
 
-        sdpa = median_seconds(step(lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3])))
-        faster[length] = median_seconds(step(matmul_attention)) < sdpa
+        sdpa = median_seconds(run(lambda *a: F.scaled_dot_product_attention(*a[:3], attn_mask=a[3])))
+        faster[length] = median_seconds(run(matmul_attention)) < sdpa
     return longest_winning_length(faster)
 
 
@@ -131,10 +138,11 @@ def measure_cheap_dropout(shape: tuple[int, int] = (4096, 512)) -> bool:
 
 
 @functools.cache
-def matmul_attention_max_keys(head_dim: int, dtype: torch.dtype) -> int:
-    """Up to how many keys :func:`~.layers.matmul_attention` is the faster training kernel on this CPU."""
-    return int(cached_choice(f"matmul_attention_max_keys/{head_dim}/{str(dtype).removeprefix('torch.')}",
-                             lambda: measure_attention(head_dim, dtype)))
+def matmul_attention_max_keys(mode: str, head_dim: int, dtype: torch.dtype) -> int:
+    """Up to how many keys :func:`~.layers.matmul_attention` is the faster kernel on this CPU for ``mode``
+    (see :func:`measure_attention`)."""
+    name = f"matmul_attention_max_keys/{mode}/{head_dim}/{str(dtype).removeprefix('torch.')}"
+    return int(cached_choice(name, lambda: measure_attention(head_dim, dtype, mode)))
 
 
 @functools.cache

@@ -19,14 +19,14 @@ from .cpu_choices import cheap_dropout_pays, matmul_attention_max_keys
 def use_matmul_attention(q: Tensor, keys: int) -> bool:
     """Whether queries ``q`` over ``keys`` keys take :func:`matmul_attention` rather than SDPA.
 
-    Only in CPU low-precision training, where SDPA's kernels can be slower than plain matmuls up to
-    a few hundred keys; how many depends on the processor, so it is measured once per machine
-    (:func:`~.cpu_choices.matmul_attention_max_keys`).
+    On CPU in float32/bfloat16/float16, SDPA's kernels can be slower than plain matmuls up to a few
+    hundred keys, most of all for the single query of a decoding step; how far depends on the
+    processor, so each workload is measured once per machine (:func:`~.cpu_choices.matmul_attention_max_keys`).
     """
-    low_precision = q.dtype in (torch.bfloat16, torch.float16)
-    if q.device.type != "cpu" or not low_precision or not torch.is_grad_enabled():
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
-    return keys <= matmul_attention_max_keys(q.size(-1), q.dtype)
+    mode = "train" if torch.is_grad_enabled() else "step" if q.size(-2) == 1 else "forward"
+    return keys <= matmul_attention_max_keys(mode, q.size(-1), q.dtype)
 
 
 def _split_mask(mask: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -85,7 +85,7 @@ class Dropout(nn.Dropout):
 
 class MultiHeadAttention(nn.Module):
     """Multi-head scaled dot-product attention: ``F.scaled_dot_product_attention``, or
-    :func:`matmul_attention` where that is measurably faster (CPU low-precision training).
+    :func:`matmul_attention` where that is measurably faster (on CPU, measured per machine).
 
     Self-attention projects queries, keys and values with one fused ``D -> 3D`` matmul;
     cross-attention projects the queries alone and the memory's keys and values with one fused
