@@ -20,9 +20,11 @@ from .generation import Hypothesis, beam_search, greedy_decode, length_penalty
 from .losses import LabelSmoothingLoss, ProjectedLabelSmoothingLoss, compute_loss
 from .modules import CausalLMTransformer, Seq2SeqTransformer, TokenLevelModule
 from .nn import Transformer, create_causal_mask, create_combined_mask, create_padding_mask
+from .precision import BF16MasterWeights
 from .schedules import cosine_lambda, cosine_schedule, noam_lambda, noam_schedule
 
 __all__ = [
+    "BF16MasterWeights",
     "CausalLMTransformer",
     "Hypothesis",
     "LabelSmoothingLoss",

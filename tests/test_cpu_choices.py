@@ -53,7 +53,8 @@ def test_measurements_leave_the_random_state_and_grad_mode_alone():
     torch.manual_seed(3)
     state = torch.get_rng_state()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        longest = [cpu_choices.measure_attention(16, torch.bfloat16, mode, tokens=64) for mode in ("train", "forward", "step")]
+        modes = ("train", "forward", "step")
+        longest = [cpu_choices.measure_attention(16, torch.bfloat16, mode, tokens=64) for mode in modes]
         cheap = cpu_choices.measure_cheap_dropout((64, 64))
         assert not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
     assert torch.equal(torch.get_rng_state(), state)

@@ -1,12 +1,13 @@
 """Speed choices that depend on the processor: timed once on the running machine, then cached.
 
-Which attention kernel wins (in training, in inference forward passes, in decoding steps), and whether drawing dropout masks 16 bits
-at a time pays, differ between CPUs (an AMX Xeon and an AVX512-BF16 EPYC disagree; see
-``benchmarks/results/attention_paths*.md``). So neither is a constant: each is measured the first
-time a process needs it and stored in ``$XDG_CACHE_HOME/lightning_transformer/cpu_choices.json``
-under the CPU model, thread count and torch version, for every later run on the same machine. A
-measurement takes about a second, uses its own random numbers, and changes no global state. Delete
-the file, or edit a value in it, to choose again.
+Which attention kernel wins (in training, in inference forward passes, in decoding steps), and
+whether drawing dropout masks 16 bits at a time pays, differ between CPUs (an AMX Xeon and an
+AVX512-BF16 EPYC disagree; see ``benchmarks/results/attention_paths*.md``). So neither is a
+constant: each is measured the first time a process needs it and stored in
+``$XDG_CACHE_HOME/lightning_transformer/cpu_choices.json`` under the CPU model, thread count and
+torch version, for every later run on the same machine. A measurement takes about a second, uses
+its own random numbers, and changes no global state. Delete the file, or edit a value in it, to
+choose again.
 """
 
 from __future__ import annotations

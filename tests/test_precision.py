@@ -1,0 +1,117 @@
+import pytest
+import torch
+from conftest import TINY_MODEL, small_data_module
+from lightning.pytorch import Callback, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_transformer import Seq2SeqTransformer
+from lightning_transformer.checkpoint import load_checkpoint
+from lightning_transformer.precision import BF16MasterWeights
+
+
+class Record(Callback):
+    def __init__(self):
+        self.losses, self.dtypes = [], set()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(trainer.callback_metrics["train/loss"].item())
+        self.dtypes |= {p.dtype for p in pl_module.parameters()}
+
+
+def fit(corpus, root, precision=None, max_steps=40, ckpt_path=None, every_n_steps=None, accumulate=1, **model_args):
+    seed_everything(0)
+    data = small_data_module(corpus, root.parent / "cache")
+    model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size,
+                               **{**TINY_MODEL, "dropout": 0.1, **model_args})
+    record = Record()
+    callbacks = [record]
+    if every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=every_n_steps, save_top_k=-1))
+    plugins = [BF16MasterWeights()] if precision == "master" else None
+    Trainer(default_root_dir=root, max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+            enable_checkpointing=bool(every_n_steps), gradient_clip_val=1.0, accumulate_grad_batches=accumulate,
+            precision=None if precision == "master" else precision, plugins=plugins,
+            ).fit(model, data, ckpt_path=ckpt_path)
+    return model, record
+
+
+def test_the_loss_curve_follows_bf16_mixed(small_corpus, tmp_path):
+    _, mixed = fit(small_corpus, tmp_path / "mixed", "bf16-mixed", max_steps=60)
+    model, master = fit(small_corpus, tmp_path / "master", "master", max_steps=60)
+    assert master.dtypes == {torch.bfloat16}  # the model computed in bf16 throughout
+    assert next(model.parameters()).dtype == torch.float32  # and is float32 again after fit
+    mixed_losses, master_losses = torch.tensor(mixed.losses), torch.tensor(master.losses)
+    assert master_losses[-10:].mean() < 0.7 * master_losses[:5].mean()  # it learns
+    assert torch.allclose(master_losses, mixed_losses, rtol=0.03), (master.losses, mixed.losses)
+
+
+def test_updates_below_bf16_resolution_accumulate_in_the_masters(small_corpus, tmp_path):
+    initial = {}
+
+    class Snapshot(Callback):
+        def on_train_start(self, trainer, pl_module):
+            initial.update({k: v.float().clone() for k, v in pl_module.state_dict().items()})
+
+    def moved(precision):
+        seed_everything(0)
+        data = small_data_module(small_corpus, tmp_path / "cache")
+        model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size,
+                                   **{**TINY_MODEL, "lr": 1e-5, "warmup_steps": 1})
+        plugins = [BF16MasterWeights()] if precision == "master" else None
+        Trainer(default_root_dir=tmp_path, max_steps=10, logger=False, enable_progress_bar=False,
+                enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Snapshot()],
+                precision=None if precision == "master" else precision, plugins=plugins).fit(model, data)
+        name = "transformer.encoder_layers.0.feed_forward.linear1.weight"
+        return (model.state_dict()[name].float() != initial[name]).float().mean().item()
+
+    assert moved("bf16-true") < 0.1  # Adam's steps of ~1e-5 round away in bf16 weights but the smallest
+    assert moved("master") > 0.95  # they add up in float32
+
+
+def test_checkpoints_hold_float32_masters_and_resuming_continues_the_curve(small_corpus, tmp_path):
+    _, full = fit(small_corpus, tmp_path / "full", "master", max_steps=30)
+    fit(small_corpus, tmp_path / "first", "master", max_steps=15, every_n_steps=15)
+    checkpoint = next((tmp_path / "first").glob("*step=15.ckpt"))
+    weights = load_checkpoint(checkpoint)["state_dict"]
+    matrices = [w for w in weights.values() if w.dim() == 2]
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w, w.bfloat16().float()) for w in matrices)  # more than bf16 can hold
+    _, resumed = fit(small_corpus, tmp_path / "resumed", "master", max_steps=30, ckpt_path=checkpoint)
+    assert resumed.losses == pytest.approx(full.losses[15:], abs=1e-6)
+
+
+def test_accumulated_micro_batches_sum_their_gradients_in_float32(small_corpus, tmp_path):
+    seen, stepped = [], []
+
+    class Grads(Callback):
+        def __init__(self):
+            self.micro = []
+
+        def on_after_backward(self, trainer, pl_module):
+            self.micro.append([p.grad.float().clone() for p in pl_module.parameters()])
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            masters = [p.grad.clone() for group in optimizer.param_groups for p in group["params"]]
+            seen.append((masters, [sum(grads) for grads in zip(*self.micro)]))
+            self.micro = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if not self.micro:  # this micro-batch ended an optimizer step
+                params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
+                stepped.append([p.grad.clone() for p in params])
+
+    seed_everything(0)
+    data = small_data_module(small_corpus, tmp_path / "cache")
+    model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size, **TINY_MODEL)
+    Trainer(default_root_dir=tmp_path, max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+            enable_model_summary=False, limit_val_batches=0, accumulate_grad_batches=3, callbacks=[Grads()],
+            plugins=[BF16MasterWeights()]).fit(model, data)
+    assert len(seen) == len(stepped) == 3
+    for (masters, summed), normalised in zip(seen, stepped):
+        assert all(m.dtype == torch.float32 for m in masters)
+        assert all(torch.equal(m, s) for m, s in zip(masters, summed))
+        # The module divides the masters' gradients by the step's target tokens, as it does the model's.
+        tokens = torch.cat([s.flatten() for s in summed]).norm() / torch.cat([n.flatten() for n in normalised]).norm()
+        assert tokens > 100 and abs(tokens - tokens.round()) < 1e-2
+        assert all(torch.allclose(n * tokens.round(), s, rtol=1e-5, atol=1e-6) for n, s in zip(normalised, summed))
