@@ -51,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
 
-from lightning_transformer import Seq2SeqTransformer, beam_search, greedy_decode, tune_malloc
+from lightning_transformer import BF16MasterWeights, Seq2SeqTransformer, beam_search, greedy_decode, tune_malloc
 from lightning_transformer.data import TranslationDataModule
 from lightning_transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from lightning_transformer.schedules import noam_schedule
@@ -178,9 +178,12 @@ def now(device: str) -> float:
     return time.perf_counter()
 
 
-def make_trainer(precision: str, device: str, steps: int, callback: Callback) -> Trainer:
+def make_trainer(precision: str, device: str, steps: int, callback: Callback, master: bool = False) -> Trainer:
+    """The project's Trainer; ``master``: bf16 through :class:`BF16MasterWeights` instead of ``bf16-mixed``."""
+    master = master and precision == "bf16"
     return Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=TRAINER_PRECISION[precision],
+        accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+        precision=None if master else TRAINER_PRECISION[precision], plugins=[BF16MasterWeights()] if master else None,
         max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=[callback],
     )
@@ -205,10 +208,11 @@ class Interleave(Callback):
             self.seconds[name].append(now(self.device) - start)
 
 
-def train_interleaved(cfg: SimpleNamespace, precision: str, batches: list, device: str) -> dict[str, list[float]]:
+def train_interleaved(cfg: SimpleNamespace, precision: str, batches: list, device: str,
+                      master: bool = False) -> dict[str, list[float]]:
     """Seconds per training step of each implementation, fresh models, one step each per batch in turn."""
     timer = Interleave({name: PlainLoop(name, cfg, precision, device) for name in ("guide", "marian")}, device)
-    trainer = make_trainer(precision, device, len(batches), timer)
+    trainer = make_trainer(precision, device, len(batches), timer, master)
     trainer.fit(build_model("project", cfg, device), DataLoader(batches, batch_size=None))
     return timer.seconds
 
@@ -287,11 +291,12 @@ class PeakMemory(Callback):
         self.stop()
 
 
-def memory_child(impl: str, cfg: SimpleNamespace, precision: str, batches: list, device: str) -> float:
+def memory_child(impl: str, cfg: SimpleNamespace, precision: str, batches: list, device: str,
+                 master: bool = False) -> float:
     """Peak MiB of ``len(batches)`` training steps above the memory held once model and optimizer exist."""
     probe = PeakMemory(device)
     if impl == "project":
-        make_trainer(precision, device, len(batches), probe).fit(
+        make_trainer(precision, device, len(batches), probe, master).fit(
             build_model("project", cfg, device), DataLoader(batches, batch_size=None))
     else:
         loop = PlainLoop(impl, cfg, precision, device)
@@ -306,7 +311,8 @@ def measure_memory(impl: str, precision: str, args: argparse.Namespace) -> float
     """Runs :func:`memory_child` in a fresh interpreter, so no other model's memory is counted."""
     command = [sys.executable, __file__, "--memory-child", impl, "--preset", args.preset, "--precision", precision,
                "--batch-size", str(args.batch_size), "--memory-steps", str(args.memory_steps),
-               "--device", args.device, "--data", str(args.data), *(["--tune-malloc"] if args.tune_malloc else [])]
+               "--device", args.device, "--data", str(args.data), *(["--tune-malloc"] if args.tune_malloc else []),
+               *(["--master-weights"] if args.master_weights else [])]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child {impl} {precision} failed:\n{out.stderr[-3000:]}")
@@ -376,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tune-malloc", action="store_true",
                         help="apply lightning_transformer.tune_malloc (as the CLI does) to the whole run, "
                              "so to all three implementations alike")
+    parser.add_argument("--master-weights", action="store_true",
+                        help="train the project in bf16 with BF16MasterWeights instead of bf16-mixed autocast")
     parser.add_argument("--memory-child", choices=IMPLS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "cuda" and args.matmul_size is None:
@@ -400,7 +408,7 @@ def run_precision(cfg, precision: str, train: list, sources: list, decoders: dic
     """Ceiling, interleaved training, peak memory and interleaved decoding for one precision."""
     print(f"[{precision}] matmul ceiling, {len(train)} interleaved training steps ...", flush=True)
     ceiling = matmul_ceiling(precision, args.device, args.matmul_size)
-    seconds = train_interleaved(cfg, precision, train, args.device)
+    seconds = train_interleaved(cfg, precision, train, args.device, args.master_weights)
     print(f"[{precision}] peak memory, one process per implementation ...", flush=True)
     memory = {impl: measure_memory(impl, precision, args) for impl in IMPLS}
     print(f"[{precision}] decoding {sum(len(s) for s in sources)} sentences x {args.rounds} rounds ...", flush=True)
@@ -416,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = PRESETS[args.preset]
     if args.memory_child:
         train, _ = load_batches(args.data, args.batch_size, args.memory_steps, 1, args.device)
-        peak = memory_child(args.memory_child, cfg, args.precision[0], train, args.device)
+        peak = memory_child(args.memory_child, cfg, args.precision[0], train, args.device, args.master_weights)
         print(json.dumps({"peak_mib": peak}))
         return
     train, sources = load_batches(args.data, args.batch_size, args.warmup + args.steps, args.decode_sentences,

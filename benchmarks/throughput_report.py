@@ -110,7 +110,10 @@ def header(results: dict, env: dict, argv: list[str]) -> list[str]:
         f"- **Training:** the first {warmup + steps} Multi30k en→de training batches of {args['batch_size']} pairs "
         f"(seed 0, {tokens:.0f} non-pad target tokens a batch on average), one list, same order for all; each batch "
         "runs a project step (a `lightning.Trainer` step, timed from `on_train_batch_start` to "
-        "`on_train_batch_end`: forward, backward, Adam, schedule), then a guide step, then a Marian step (plain "
+        "`on_train_batch_end`: forward, backward, Adam, schedule"
+        + ("; in bf16 through the `BF16MasterWeights` plugin: bf16 weights and activations, float32 master "
+           "weights in Adam, where the peers use autocast" if args.get("master_weights") else "")
+        + "), then a guide step, then a Marian step (plain "
         f"loops). Fresh models per precision. tok/s: median over the last {steps} steps ({warmup} warm-up step(s) "
         "dropped) of non-pad target tokens / step time.",
         f"- **MFU:** matmul FLOPs of forward + backward, counted with `FlopCounterMode` on the project's model for "
@@ -171,6 +174,7 @@ def write_report(results: dict, output_dir: Path | None, argv: list[str]) -> str
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         tuned = "_tuned_malloc" if results["args"].get("tune_malloc") else ""
+        tuned += "_master_weights" if results["args"].get("master_weights") else ""
         stem = output_dir / f"throughput_{results['args']['preset']}{tuned}"
         stem.with_suffix(".md").write_text(report)
         stem.with_suffix(".json").write_text(json.dumps({**results, "environment": env, "summary": summary},

@@ -26,8 +26,10 @@ class BF16MasterWeights(HalfPrecision):
       averaging, export and resuming see float32 weights; a resumed run restores its masters from it;
     - when ``fit`` ends the model is float32 again, holding the masters.
 
-    Use it instead of ``trainer.precision``: ``trainer.plugins: [lightning_transformer.BF16MasterWeights]``.
-    Callbacks see the model's bf16 gradients of the last micro-batch in ``on_before_optimizer_step``.
+    Use it instead of ``trainer.precision``: ``trainer.plugins: [lightning_transformer.BF16MasterWeights]``,
+    on one device or under DDP (FSDP has its own mixed-precision policies). Callbacks see the model's bf16
+    gradients of the last micro-batch in ``on_before_optimizer_step``. Outside ``fit`` it runs the model in
+    bf16 as ``bf16-true`` does.
     """
 
     def __init__(self) -> None:
@@ -59,7 +61,7 @@ class BF16MasterWeights(HalfPrecision):
         params = dict(self._module.named_parameters(remove_duplicate=False)) if self._module is not None else {}
         self._pairs = [(p, masters[id(p)]) for p in {id(p): p for p in params.values()}.values() if id(p) in masters]
         self._names = {name: masters[id(p)] for name, p in params.items() if id(p) in masters}
-        if self._names:
+        if self._names:  # a partial: torch flags a public hook with an attribute, which a bound method cannot take
             self._hook = self._module.register_state_dict_post_hook(functools.partial(self._masters_into_state_dict))
         self._fp32 = {}
         return super().connect(model, optimizers, lr_schedulers)

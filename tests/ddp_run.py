@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_transformer import CausalLMTransformer, Seq2SeqTransformer
+from lightning_transformer import BF16MasterWeights, CausalLMTransformer, Seq2SeqTransformer
 
 # Adam's eps sits well above the float32 noise in the key biases' gradients (zero in exact arithmetic:
 # softmax ignores a bias shared by all keys), which a 1e-9 eps would turn into lr-sized steps.
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--devices", type=int, choices=(1, 2), required=True)
     parser.add_argument("--model", choices=tuple(MODELS), default="seq2seq")
     parser.add_argument("--per-rank-mean", action="store_true", help="train PerRankMean instead")
+    parser.add_argument("--master-weights", action="store_true", help="in bf16 through BF16MasterWeights")
     parser.add_argument("--init", required=True, help="state dict both runs start from")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
@@ -137,12 +138,15 @@ def main() -> None:
     record, barriers = RecordLosses(), CountBarriers()
     trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                       max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False, callbacks=[barriers, record],
+                      plugins=[BF16MasterWeights()] if args.master_weights else None,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, UnevenPairs(args.model))
     if trainer.is_global_zero:
         torch.save({"state_dict": model.state_dict(), "losses": record.global_losses,
                     "rank_mean_losses": record.rank_mean_losses, "world_size": trainer.world_size,
                     "barriers_in_steps": barriers.count}, args.output)
+    else:
+        torch.save(model.state_dict(), f"{args.output}.rank{trainer.global_rank}")
     leave_process_group()
 
 

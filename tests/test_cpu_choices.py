@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 import torch
@@ -59,3 +60,17 @@ def test_measurements_leave_the_random_state_and_grad_mode_alone():
         assert not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
     assert torch.equal(torch.get_rng_state(), state)
     assert set(longest) <= {0, *cpu_choices.ATTENTION_LENGTHS} and isinstance(cheap, bool)
+
+
+def test_a_race_times_the_two_in_turn_and_picks_the_faster():
+    calls = []
+
+    def fast():
+        calls.append("fast")
+
+    def slow():
+        calls.append("slow")
+        time.sleep(0.002)
+
+    assert cpu_choices.beats(fast, slow, repeats=3) and not cpu_choices.beats(slow, fast, repeats=3)
+    assert calls[:8] == ["fast", "slow"] * 4  # alternating, so a burst of load hits both

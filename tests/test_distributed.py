@@ -105,6 +105,22 @@ def test_averaging_per_rank_means_would_miss_by_far_more_than_the_tolerance(runs
     assert max_parameter_difference(per_rank_mean["state_dict"], one["state_dict"]) > 0.01
 
 
+def test_bf16_master_weights_under_ddp_follow_one_process(tmp_path):
+    torch.manual_seed(0)
+    initial = Seq2SeqTransformer(**MODELS["seq2seq"][1]).state_dict()
+    torch.save(initial, tmp_path / "init.pt")
+    one, two = (train(tmp_path, f"master{n}", "--devices", str(n), "--master-weights") for n in (1, 2))
+    assert all(weight.dtype == torch.float32 for weight in two["state_dict"].values())  # the masters
+    rank1 = torch.load(tmp_path / "master2.pt.rank1")
+    assert max_parameter_difference(rank1, two["state_dict"]) == 0.0  # the ranks step identical masters
+    # bf16 sums the two ranks' gradients in another order than one process: equal to bf16's resolution.
+    assert torch.allclose(torch.tensor(two["losses"]), torch.tensor(one["losses"]), rtol=0, atol=2e-2)
+    flat = {name: torch.cat([run[k].flatten() for k in sorted(run)]) for name, run in
+            (("one", one["state_dict"]), ("two", two["state_dict"]), ("initial", initial))}
+    moved = (flat["one"] - flat["initial"]).norm()
+    assert moved > 1.0 and (flat["two"] - flat["one"]).norm() < 0.1 * moved  # measured: 0.037
+
+
 def test_evaluation_and_prediction_finish_on_more_ranks_than_evaluation_batches(tmp_path):
     """4 ranks, a 3-pair validation split in one batch: fit with sanity validation and BLEU, validate
     with BLEU and predict all end, and every sentence counts exactly once."""

@@ -193,8 +193,8 @@ def test_matmul_attention_is_chosen_up_to_the_length_measured_for_the_workload(m
     assert use_matmul_attention(bf16, 256) and not use_matmul_attention(bf16, 257)
     with torch.no_grad():
         assert use_matmul_attention(bf16, 32) and not use_matmul_attention(bf16, 33)
-        assert use_matmul_attention(step, 128) and not use_matmul_attention(step, 129)
-        assert not use_matmul_attention(step.double(), 1)  # float64 references keep SDPA
+        assert use_matmul_attention(step, 128, decoding=True) and not use_matmul_attention(step, 129, decoding=True)
+        assert not use_matmul_attention(step.double(), 1, decoding=True)  # float64 references keep SDPA
     assert asked[::2] == [("train", 8, torch.bfloat16), ("forward", 8, torch.bfloat16), ("step", 8, torch.float32)]
     monkeypatch.setattr(layers, "matmul_attention_max_keys", lambda mode, head_dim, dtype: 0)  # SDPA always won
     assert not use_matmul_attention(bf16, 16)
