@@ -4,7 +4,8 @@ Every variant runs in its own process (the allocator setting is process-wide), i
 ``--repeats`` rounds, on the synthetic Multi30k-shaped batches of ``profile_step.py``; it reports
 the median step time and its ratio to the project as shipped.
 
-    python benchmarks/ablation.py [--preset small] [--steps 20] [--repeats 2]
+    python benchmarks/ablation.py [--preset small] [--steps 20] [--repeats 2] [--dropout 0.3 0.1 0.1]
+        [--output-dir benchmarks/results/amd_epyc]
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from profile_step import PRESETS, synthetic_batch, train_step  # noqa: E402
+from throughput_report import device_name  # noqa: E402
 
 from lightning_transformer import LabelSmoothingLoss, Seq2SeqTransformer, tune_malloc  # noqa: E402
 from lightning_transformer.nn import layers  # noqa: E402
@@ -35,6 +36,7 @@ VARIANTS = {
     "as shipped": "",
     "glibc malloc defaults (no `tune_malloc`)": "malloc",
     "`F.dropout` instead of 16-bit-mask `Dropout`": "dropout",
+    "16-bit masks applied with `torch.where` (the earlier kernel)": "where",
     "SDPA's math kernel (the earlier choice) instead of `matmul_attention`": "attention",
     "logits + `LabelSmoothingLoss` instead of the fused projection loss": "loss",
     "for-loop Adam instead of fused Adam": "adam",
@@ -52,16 +54,26 @@ class UnfusedLoss(Seq2SeqTransformer):
         return LabelSmoothingLoss(self.tgt_vocab_size, self.hparams.label_smoothing)(self.project(states), tgt_output)
 
 
-def child(undo: set[str], preset: str, steps: int, precision: str) -> dict:
+def where_dropout(x, p):
+    dropped = round(p * 65536)
+    words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
+    keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
+    return torch.where(keep, x * (65536 / (65536 - dropped)), 0.0)
+
+
+def child(undo: set[str], preset: str, steps: int, precision: str, dropout: list[float]) -> dict:
     if "malloc" not in undo:
         tune_malloc()
     if "dropout" in undo:
-        layers.Dropout.forward = lambda self, x: F.dropout(x, self.p, self.training)
+        layers.dropout = lambda x, p, training=True: F.dropout(x, p, training)
+    if "where" in undo:
+        layers.sixteen_bit_dropout = where_dropout
     if "attention" in undo:
         layers.matmul_attention = sdpa_math
     torch.manual_seed(0)
     model = (UnfusedLoss if "loss" in undo else Seq2SeqTransformer)(
-        src_vocab_size=8000, tgt_vocab_size=8000, share_embeddings=True, **PRESETS[preset]).train()
+        src_vocab_size=8000, tgt_vocab_size=8000, share_embeddings=True, **PRESETS[preset], dropout=dropout[0],
+        attention_dropout=dropout[1], activation_dropout=dropout[2]).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused="adam" not in undo)
     generator = torch.Generator().manual_seed(0)
     batches = [synthetic_batch(64, 8000, generator) for _ in range(steps + 3)]
@@ -81,11 +93,16 @@ def main() -> None:
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dropout", type=float, nargs=3, default=[0.1, 0.0, 0.0],
+                        metavar=("RESIDUAL", "ATTENTION", "ACTIVATION"), help="the model's three dropout rates")
+    parser.add_argument("--output-dir", type=Path, default=RESULTS)
     parser.add_argument("--child")
     args = parser.parse_args()
-    flags = ["--preset", args.preset, "--precision", args.precision, "--steps", str(args.steps)]
+    flags = ["--preset", args.preset, "--precision", args.precision, "--steps", str(args.steps),
+             "--dropout", *map(str, args.dropout)]
     if args.child is not None:
-        print(json.dumps(child(set(filter(None, args.child.split(","))), args.preset, args.steps, args.precision)))
+        undo = set(filter(None, args.child.split(",")))
+        print(json.dumps(child(undo, args.preset, args.steps, args.precision, args.dropout)))
         return
     runs = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
@@ -98,8 +115,9 @@ def main() -> None:
     lines = [
         f"# Ablation: {args.preset} preset, {args.precision}, one change undone at a time",
         "",
-        f"{datetime.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
-        f"{torch.get_num_threads()} threads · synthetic batches of 64 pairs (10-30 subwords) · median of "
+        f"{datetime.date.today()} · {device_name('cpu')} · torch {torch.__version__} · "
+        f"{torch.get_num_threads()} threads · dropout {args.dropout[0]} / attention {args.dropout[1]} / activation "
+        f"{args.dropout[2]} · synthetic batches of 64 pairs (10-30 subwords) · median of "
         f"{args.steps} steps, median of {args.repeats} interleaved processes · "
         f"`python benchmarks/ablation.py {' '.join(flags)} --repeats {args.repeats}`",
         "",
@@ -107,11 +125,13 @@ def main() -> None:
         "|---|---:|---:|---:|",
     ]
     for name, row in med.items():
-        lines.append(f"| {name} | {row['step_ms']:.0f} | {row['tok_s']:,.0f} | {row['step_ms'] / shipped['step_ms']:.2f}x |")
+        slowdown = row["step_ms"] / shipped["step_ms"]
+        lines.append(f"| {name} | {row['step_ms']:.0f} | {row['tok_s']:,.0f} | {slowdown:.2f}x |")
     report = "\n".join(lines) + "\n"
     print(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"ablation_{args.preset}_{args.precision}.md").write_text(report)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "" if args.dropout == [0.1, 0.0, 0.0] else "_dropout_" + "_".join(f"{p:g}" for p in args.dropout)
+    (args.output_dir / f"ablation_{args.preset}_{args.precision}{suffix}.md").write_text(report)
 
 
 if __name__ == "__main__":
