@@ -105,8 +105,9 @@ def main() -> None:
         print(json.dumps(child(undo, args.preset, args.steps, args.precision, args.dropout)))
         return
     runs = {name: [] for name in VARIANTS}
-    for _ in range(args.repeats):
-        for name, undo in VARIANTS.items():
+    for round_ in range(args.repeats):
+        order = list(VARIANTS.items())
+        for name, undo in order[::-1] if round_ % 2 else order:  # alternate the order: drift hits all alike
             out = subprocess.run([sys.executable, __file__, f"--child={undo}", *flags],
                                  capture_output=True, text=True, check=True)
             runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -118,7 +119,7 @@ def main() -> None:
         f"{datetime.date.today()} · {device_name('cpu')} · torch {torch.__version__} · "
         f"{torch.get_num_threads()} threads · dropout {args.dropout[0]} / attention {args.dropout[1]} / activation "
         f"{args.dropout[2]} · synthetic batches of 64 pairs (10-30 subwords) · median of "
-        f"{args.steps} steps, median of {args.repeats} interleaved processes · "
+        f"{args.steps} steps, median of {args.repeats} interleaved processes (the order reversed every other round) · "
         f"`python benchmarks/ablation.py {' '.join(flags)} --repeats {args.repeats}`",
         "",
         "| variant | step (ms) | tokens/s | slowdown vs shipped |",

@@ -398,3 +398,22 @@ def test_ddp_has_no_buffers_to_broadcast_and_the_position_table_still_follows_th
     table = model.transformer.src_embed.positions
     assert torch.equal(model.to(torch.float64).transformer.src_embed.positions, table.double())
     assert "transformer.src_embed.positions" not in model.state_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_training_loss_traces_into_one_graph_for_torch_compile(dtype):
+    # fullgraph refuses any graph break: the measured CPU choices (attention kernel, dropout masks)
+    # and the fused projection loss must all trace; the eager backend keeps the test to tracing.
+    model = tiny_model(dropout=0.1, attention_dropout=0.1, activation_dropout=0.1).train()
+    src, tgt = torch.randint(3, 20, (4, 7)), torch.randint(3, 20, (4, 6))
+
+    def loss(src, tgt):
+        tgt_input, tgt_output = model.shift_targets(tgt)
+        src_mask, tgt_mask = model.make_masks(src, tgt_input)
+        states = model.decode_states(tgt_input, model.encode(src, src_mask), tgt_mask, src_mask)
+        return model.compute_loss(states, tgt_output)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        value = torch.compile(loss, fullgraph=True, backend="eager")(src, tgt)
+    value.backward()
+    assert torch.isfinite(value) and all(p.grad is not None for p in model.parameters())

@@ -150,15 +150,27 @@ def measure_cheap_dropout(shape: tuple[int, int] = (4096, 512)) -> bool:
     return beats(lambda: sixteen_bit_dropout(x, 0.1).sum().backward(), lambda: F.dropout(x, 0.1, True).sum().backward())
 
 
-@functools.cache
+# The choices this process has read or measured. Not functools.cache: torch.compile would trace
+# through its wrapper into the cache file's reading, and break the graph at every attention and
+# dropout call; with assume_constant_result it takes each choice as a constant.
+_chosen: dict[str, object] = {}
+
+
+def _once(name: str, measure: Callable[[], object]):
+    if name not in _chosen:
+        _chosen[name] = cached_choice(name, measure)
+    return _chosen[name]
+
+
+@torch.compiler.assume_constant_result
 def matmul_attention_max_keys(mode: str, head_dim: int, dtype: torch.dtype) -> int:
     """Up to how many keys :func:`~.layers.matmul_attention` is the faster kernel on this CPU for ``mode``
     (see :func:`measure_attention`)."""
     name = f"matmul_attention_max_keys/{mode}/{head_dim}/{str(dtype).removeprefix('torch.')}"
-    return int(cached_choice(name, lambda: measure_attention(head_dim, dtype, mode)))
+    return int(_once(name, lambda: measure_attention(head_dim, dtype, mode)))
 
 
-@functools.cache
+@torch.compiler.assume_constant_result
 def cheap_dropout_pays() -> bool:
     """Whether :class:`~.layers.Dropout` should draw 16-bit masks on this CPU."""
-    return bool(cached_choice("cheap_dropout", measure_cheap_dropout))
+    return bool(_once("cheap_dropout", measure_cheap_dropout))
