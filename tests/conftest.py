@@ -67,6 +67,28 @@ def small_data_module(folder: Path, cache_dir: Path):
                                  cache_dir=str(cache_dir))
 
 
+def fit_small(corpus: Path, root: Path, max_steps: int, record, ckpt_path=None, every_n_steps=None,
+              model_args=None, **trainer_args):
+    """A tiny model (dropout 0.1) trained ``max_steps`` on ``corpus`` from seed 0, ``record`` (a callback)
+    watching; a checkpoint every ``every_n_steps`` if given. Returns the model and its data module."""
+    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_transformer import Seq2SeqTransformer
+
+    seed_everything(0)
+    data = small_data_module(corpus, root.parent / "cache")
+    model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size,
+                               **{**TINY_MODEL, "dropout": 0.1, **(model_args or {})})
+    callbacks = [record]
+    if every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=every_n_steps, save_top_k=-1))
+    Trainer(default_root_dir=root, max_steps=max_steps, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
+            enable_checkpointing=bool(every_n_steps), **trainer_args).fit(model, data, ckpt_path=ckpt_path)
+    return model, data
+
+
 @pytest.fixture(scope="session")
 def small_run(small_corpus, tmp_path_factory):
     """A tiny model trained 200 steps on `small_corpus`, with step checkpoints every 50 steps."""

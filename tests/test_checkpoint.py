@@ -16,10 +16,9 @@ import fsspec.implementations.local
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL, small_data_module
+from conftest import TINY_MODEL, fit_small
 from copy_task import CopyTaskDataModule
-from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Callback, Trainer
 
 from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.callbacks import ResumeRandomState
@@ -119,35 +118,26 @@ class Record(Callback):
         self.batches.append(batch["index"].tolist())
 
 
-def fit_small(corpus, root, max_steps, ckpt_path=None, every_n_steps=None):
-    seed_everything(0)
-    data = small_data_module(corpus, root.parent / "cache")
-    model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size,
-                               **{**TINY_MODEL, "dropout": 0.1})
+def fit_recorded(corpus, root, max_steps, **kwargs):
     record = Record()
-    callbacks = [record]
-    if every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=every_n_steps, save_top_k=-1))
-    Trainer(default_root_dir=root, max_steps=max_steps, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
-            enable_checkpointing=bool(every_n_steps)).fit(model, data, ckpt_path=ckpt_path)
+    _, data = fit_small(corpus, root, max_steps, record, **kwargs)
     return record, data
 
 
 def test_resuming_mid_epoch_replays_the_same_batches_lrs_and_losses_with_dropout(small_corpus, tmp_path, monkeypatch):
-    full, data = fit_small(small_corpus, tmp_path / "full", max_steps=30)
+    full, data = fit_recorded(small_corpus, tmp_path / "full", max_steps=30)
     steps_per_epoch = len(data.train_dataloader())
     stop = steps_per_epoch // 2
     assert 0 < stop < steps_per_epoch < 30  # stopped mid-epoch; the resumed part crosses an epoch boundary
-    fit_small(small_corpus, tmp_path / "first", max_steps=stop, every_n_steps=stop)
+    fit_recorded(small_corpus, tmp_path / "first", max_steps=stop, every_n_steps=stop)
     checkpoint = next((tmp_path / "first").glob(f"*step={stop}.ckpt"))
-    resumed, _ = fit_small(small_corpus, tmp_path / "resumed", max_steps=30, ckpt_path=checkpoint)
+    resumed, _ = fit_recorded(small_corpus, tmp_path / "resumed", max_steps=30, ckpt_path=checkpoint)
     assert resumed.batches == full.batches[stop:]
     assert resumed.lrs == full.lrs[stop:]
     assert resumed.losses == full.losses[stop:]  # bitwise: same weights, optimizer state and dropout masks
     # Without the saved random state dropout draws other masks and the curve drifts.
     monkeypatch.setattr(Seq2SeqTransformer, "configure_callbacks", lambda self: [])
-    drifted, _ = fit_small(small_corpus, tmp_path / "drifted", max_steps=30, ckpt_path=checkpoint)
+    drifted, _ = fit_recorded(small_corpus, tmp_path / "drifted", max_steps=30, ckpt_path=checkpoint)
     assert drifted.batches == full.batches[stop:] and drifted.losses != full.losses[stop:]
 
 

@@ -1,10 +1,8 @@
 import pytest
 import torch
-from conftest import TINY_MODEL, small_data_module
-from lightning.pytorch import Callback, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from conftest import fit_small
+from lightning.pytorch import Callback
 
-from lightning_transformer import Seq2SeqTransformer
 from lightning_transformer.checkpoint import load_checkpoint
 from lightning_transformer.precision import BF16MasterWeights
 
@@ -18,21 +16,12 @@ class Record(Callback):
         self.dtypes |= {p.dtype for p in pl_module.parameters()}
 
 
-def fit(corpus, root, precision=None, max_steps=40, ckpt_path=None, every_n_steps=None, accumulate=1, **model_args):
-    seed_everything(0)
-    data = small_data_module(corpus, root.parent / "cache")
-    model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size,
-                               **{**TINY_MODEL, "dropout": 0.1, **model_args})
+def fit(corpus, root, precision=None, max_steps=40, accumulate=1, **kwargs):
     record = Record()
-    callbacks = [record]
-    if every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=root, every_n_train_steps=every_n_steps, save_top_k=-1))
-    plugins = [BF16MasterWeights()] if precision == "master" else None
-    Trainer(default_root_dir=root, max_steps=max_steps, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks,
-            enable_checkpointing=bool(every_n_steps), gradient_clip_val=1.0, accumulate_grad_batches=accumulate,
-            precision=None if precision == "master" else precision, plugins=plugins,
-            ).fit(model, data, ckpt_path=ckpt_path)
+    master = precision == "master"
+    model, _ = fit_small(corpus, root, max_steps, record, gradient_clip_val=1.0, accumulate_grad_batches=accumulate,
+                         precision=None if master else precision, plugins=[BF16MasterWeights()] if master else None,
+                         **kwargs)
     return model, record
 
 
@@ -54,14 +43,10 @@ def test_updates_below_bf16_resolution_accumulate_in_the_masters(small_corpus, t
             initial.update({k: v.float().clone() for k, v in pl_module.state_dict().items()})
 
     def moved(precision):
-        seed_everything(0)
-        data = small_data_module(small_corpus, tmp_path / "cache")
-        model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size,
-                                   **{**TINY_MODEL, "lr": 1e-5, "warmup_steps": 1})
-        plugins = [BF16MasterWeights()] if precision == "master" else None
-        Trainer(default_root_dir=tmp_path, max_steps=10, logger=False, enable_progress_bar=False,
-                enable_checkpointing=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Snapshot()],
-                precision=None if precision == "master" else precision, plugins=plugins).fit(model, data)
+        master = precision == "master"
+        model, _ = fit_small(small_corpus, tmp_path / precision, 10, Snapshot(),
+                             model_args={"dropout": 0.0, "lr": 1e-5, "warmup_steps": 1},
+                             precision=None if master else precision, plugins=[BF16MasterWeights()] if master else None)
         name = "transformer.encoder_layers.0.feed_forward.linear1.weight"
         return (model.state_dict()[name].float() != initial[name]).float().mean().item()
 
@@ -101,12 +86,8 @@ def test_accumulated_micro_batches_sum_their_gradients_in_float32(small_corpus, 
                 params = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
                 stepped.append([p.grad.clone() for p in params])
 
-    seed_everything(0)
-    data = small_data_module(small_corpus, tmp_path / "cache")
-    model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size, **TINY_MODEL)
-    Trainer(default_root_dir=tmp_path, max_steps=3, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-            enable_model_summary=False, limit_val_batches=0, accumulate_grad_batches=3, callbacks=[Grads()],
-            plugins=[BF16MasterWeights()]).fit(model, data)
+    fit_small(small_corpus, tmp_path / "run", 3, Grads(), model_args={"dropout": 0.0}, accumulate_grad_batches=3,
+              plugins=[BF16MasterWeights()])
     assert len(seen) == len(stepped) == 3
     for (masters, summed), normalised in zip(seen, stepped):
         assert all(m.dtype == torch.float32 for m in masters)

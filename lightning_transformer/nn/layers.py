@@ -21,8 +21,7 @@ def use_matmul_attention(q: Tensor, keys: int, decoding: bool = False) -> bool:
 
     On CPU in float32/bfloat16/float16, SDPA's kernels can be slower than plain matmuls up to a few
     hundred keys, most of all for the few queries of an incremental ``decoding`` step; how far depends
-    on the processor, so each workload is measured once per machine
-    (:func:`~.cpu_choices.matmul_attention_max_keys`).
+    on the processor, so each workload is measured once per machine (:mod:`.cpu_choices`).
     """
     if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
@@ -63,13 +62,13 @@ def sixteen_bit_dropout(x: Tensor, p: float) -> Tensor:
     dropped = round(p * 65536)
     words = torch.randint(-(2**63), 2**63 - 1, ((x.numel() + 3) // 4,), dtype=torch.int64)
     keep = words.view(torch.int16)[: x.numel()].view(x.shape) >= dropped - 32768
-    # Scale, then zero with a 0/1 tensor: the values torch.where would give, 3-4x faster forward +
-    # backward on CPU than where's backward, for a mask kept in x's dtype instead of bool.
+    # A 0/1 tensor, not torch.where (same values): 3-4x faster forward + backward on CPU.
     return x.mul(65536 / (65536 - dropped)).mul_(keep.to(x.dtype))
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
-    """``F.dropout``, or :func:`sixteen_bit_dropout` on CPUs where it was measured faster."""
+    """``F.dropout``, or :func:`sixteen_bit_dropout` on CPUs where it was measured faster
+    (once per machine: :func:`~.cpu_choices.cheap_dropout_pays`)."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu" or p >= 1.0 or not cheap_dropout_pays():
@@ -78,13 +77,8 @@ def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` that uses :func:`sixteen_bit_dropout` on CPUs where it is faster.
-
-    Drawing one random number per element made dropout a sixth of a CPU training step
-    (``benchmarks/results/profile_*``) on some processors; whether the cheaper masks pay is measured
-    once per machine (:func:`~.cpu_choices.cheap_dropout_pays`). Other devices, and ``inplace``, use
-    ``F.dropout``.
-    """
+    """``nn.Dropout`` through :func:`dropout`: one random draw per element was a sixth of a CPU
+    training step on some processors (``benchmarks/results/profile_*``). ``inplace`` uses ``F.dropout``."""
 
     def forward(self, x: Tensor) -> Tensor:
         if self.inplace:
