@@ -66,11 +66,7 @@ class Variant:
         self.first_seconds = 0.0
 
     def _loss(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        tgt_input, tgt_output = model.shift_targets(tgt)
-        src_mask, tgt_mask = model.make_masks(src, tgt_input)
-        states = model.decode_states(tgt_input, model.encode(src, src_mask), tgt_mask, src_mask)
-        return model.compute_loss(states, tgt_output)
+        return self.model.compute_loss(*self.model.teacher_force((src, tgt)))
 
     def step(self, batch: dict) -> float:
         src, tgt = padded(batch, self.pad_to) if (self.pad_to or self.bucket) else (batch["src"], batch["tgt"])

@@ -408,10 +408,7 @@ def test_the_training_loss_traces_into_one_graph_for_torch_compile(dtype):
     src, tgt = torch.randint(3, 20, (4, 7)), torch.randint(3, 20, (4, 6))
 
     def loss(src, tgt):
-        tgt_input, tgt_output = model.shift_targets(tgt)
-        src_mask, tgt_mask = model.make_masks(src, tgt_input)
-        states = model.decode_states(tgt_input, model.encode(src, src_mask), tgt_mask, src_mask)
-        return model.compute_loss(states, tgt_output)
+        return model.compute_loss(*model.teacher_force((src, tgt)))  # training_step's shift, masks, forward, loss
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         value = torch.compile(loss, fullgraph=True, backend="eager")(src, tgt)

@@ -128,7 +128,7 @@ class TokenLevelModule(LightningModule):
             # Not strategy.reduce, which waits at a barrier first; the sum stays on the device.
             dist.all_reduce(step_tokens)
         self._step_tokens = 0
-        scale = 1.0 / step_tokens.clamp(min=1).double()
+        scale = 1.0 / step_tokens.clamp(min=1).float()
         # The optimizer's parameters: the model's, or the float32 masters of BF16MasterWeights.
         for parameter in (p for group in optimizer.param_groups for p in group["params"]):
             if parameter.grad is not None:

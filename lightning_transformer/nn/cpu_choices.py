@@ -66,28 +66,25 @@ def cached_choice(name: str, measure: Callable[[], object]):
     return value
 
 
+def seconds(run: Callable[[], object]) -> float:
+    """Wall time of one ``run()``."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def median_seconds(run: Callable[[], object], repeats: int = 5) -> float:
     """Median wall time of ``run()`` over ``repeats`` calls, after one warm-up call."""
     run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(seconds(run) for _ in range(repeats))
 
 
 def beats(candidate: Callable[[], object], incumbent: Callable[[], object], repeats: int = 5) -> bool:
     """Whether ``candidate()``'s median time is below ``incumbent()``'s, the two timed in turn, so that
     load from other processes slows both alike."""
     candidate(), incumbent()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for run, spent in zip((candidate, incumbent), times):
-            start = time.perf_counter()
-            run()
-            spent.append(time.perf_counter() - start)
-    return statistics.median(times[0]) < statistics.median(times[1])
+    pairs = [(seconds(candidate), seconds(incumbent)) for _ in range(repeats)]
+    return statistics.median(a for a, _ in pairs) < statistics.median(b for _, b in pairs)
 
 
 def isolated(measure: Callable[..., object]) -> Callable[..., object]:
