@@ -59,7 +59,8 @@ class BF16MasterWeights(HalfPrecision):
                 group["params"] = [self._master(p, masters) for p in group["params"]]
         self._module = next((m for m in model.modules() if isinstance(m, LightningModule)), None)
         params = dict(self._module.named_parameters(remove_duplicate=False)) if self._module is not None else {}
-        self._pairs = [(p, masters[id(p)]) for p in self._module.parameters() if id(p) in masters] if params else []
+        unique = self._module.parameters() if self._module is not None else ()
+        self._pairs = [(p, masters[id(p)]) for p in unique if id(p) in masters]
         self._names = {name: masters[id(p)] for name, p in params.items() if id(p) in masters}
         if self._names:  # a partial: torch flags a public hook with an attribute, which a bound method cannot take
             self._hook = self._module.register_state_dict_post_hook(functools.partial(self._masters_into_state_dict))
