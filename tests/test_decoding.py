@@ -125,6 +125,29 @@ def test_a_batched_beam_search_equals_searching_each_sentence_alone():
         assert [h.score for h in hyps] == pytest.approx([h.score for h in alone], abs=1e-4)
 
 
+class RecordingTableModel(TableModel):
+    """:class:`TableModel` noting the rows of every step: (hypotheses fed, encoder memory rows)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def decode(self, tgt, memory, tgt_mask, src_mask, cache):
+        self.rows.append((tgt.size(0), memory.size(0), src_mask.size(0)))
+        return super().decode(tgt, memory, tgt_mask, src_mask, cache)
+
+
+def test_finished_sentences_leave_the_batch():
+    model = RecordingTableModel()
+    src = torch.tensor([[5, 6, PAD], [5, 6, 7]])  # limits 2 and 3 tokens
+    batched = beam_search(model, src, beam_size=2, nbest=2, alpha=0.0, max_len_a=1.0, max_len_b=0)
+    # Both beams of sentence 0 end at step 2 (at its limit: "b", then "a"); sentence 1 takes a third step alone.
+    assert model.rows == [(4, 2, 2), (4, 2, 2), (2, 1, 1)]
+    assert [h.tokens for h in batched[0]] == [[B], [A]]
+    alone = beam_search(TableModel(), src[1:], beam_size=2, nbest=2, alpha=0.0, max_len_a=1.0, max_len_b=0)[0]
+    assert [h.tokens for h in batched[1]] == [h.tokens for h in alone] == [[B], [A, B]]
+    assert [h.score for h in batched[1]] == pytest.approx([h.score for h in alone])
+
+
 def test_outputs_respect_the_per_sentence_limit():
     model = tiny_model()
     src = torch.randint(3, 30, (4, 8))

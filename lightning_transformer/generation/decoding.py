@@ -78,13 +78,14 @@ def _source_mask(model, src: Tensor, pad_token_id: int, bos_token_id: int) -> Te
     return create_padding_mask(src, pad_token_id)
 
 
-def _reorder_cache(cache: list[dict], order: Tensor) -> None:
+def _reorder_cache(cache: list[dict], order: Tensor, rows: Tensor | None) -> None:
     for layer in cache:
         for name, state in layer.items():
-            if name == "cross":
-                continue  # beams never leave their sentence, whose memory keys/values they all share
-            for key, value in state.items():
-                state[key] = value.index_select(0, order)
+            # Beams never leave their sentence, whose memory keys/values ("cross") they all share.
+            index = order if name != "cross" else rows
+            if index is not None:
+                for key, value in state.items():
+                    state[key] = value.index_select(0, index)
 
 
 #: Next tokens ``(B,)`` from last-position logits ``(B, V)`` whose padding and BOS columns are ``-inf``.
@@ -168,15 +169,23 @@ def beam_search(
     """
     limits = max_output_lengths(src, pad_token_id, max_len_a, max_len_b, max_positions)
     src_mask = _source_mask(model, src, pad_token_id, bos_token_id)
-    memory = model.encode(src, src_mask)  # (B, S, D): the K beams of a sentence share its row
+    # (B, S, D): the K beams of a sentence share its row; rows leave with their finished sentences.
+    source = {"memory": model.encode(src, src_mask), "mask": src_mask}
     cache = model.init_cache()
 
     def step(last: Tensor) -> Tensor:
-        return log_softmax(model.decode(last, memory, None, src_mask, cache)[:, -1])
+        return log_softmax(model.decode(last, source["memory"], None, source["mask"], cache)[:, -1])
+
+    def reorder(order: Tensor, rows: Tensor | None) -> None:
+        _reorder_cache(cache, order, rows)
+        if rows is not None:
+            for name, value in source.items():  # a mask that broadcasts over the batch stays as it is
+                if value is not None and value.size(0) > 1:
+                    source[name] = value.index_select(0, rows)
 
     start = torch.full((src.size(0),), bos_token_id, dtype=torch.long, device=src.device)
-    return search_beams(step, functools.partial(_reorder_cache, cache), start, limits, beam_size, nbest,
-                        pad_token_id, bos_token_id, eos_token_id, alpha, penalty_style)
+    return search_beams(step, reorder, start, limits, beam_size, nbest, pad_token_id, bos_token_id, eos_token_id,
+                        alpha, penalty_style)
 
 
 def search_beams(step, reorder, start: Tensor, limits: Tensor, beam_size: int, nbest: int, pad_token_id: int,
@@ -188,12 +197,14 @@ def search_beams(step, reorder, start: Tensor, limits: Tensor, beam_size: int, n
     ``2 * beam_size`` best continuations per row, moves those ending in EOS and ranked within the
     top ``beam_size`` to the row's finished list, and continues with the ``beam_size`` best others.
     A row is done once it has ``beam_size`` finished hypotheses (fairseq's rule); at its length
-    limit only EOS may follow.
+    limit only EOS may follow. Done rows leave the batch, so later steps cost only the rows left.
 
     Args:
-        step: last tokens ``(B*K, 1)`` -> next-token log-probabilities ``(B*K, V)``; it advances the
-            model's cache, whose row ``b*K + j`` is row ``b``'s beam ``j``.
-        reorder: ``order (B*K,)`` -> None; makes cached row ``i`` the old row ``order[i]``.
+        step: last tokens ``(B'*K, 1)`` -> next-token log-probabilities ``(B'*K, V)`` for the ``B'``
+            rows still searching; it advances the model's cache, whose row ``b*K + j`` is row ``b``'s beam ``j``.
+        reorder: ``(order (B'*K,), rows (B',) or None)`` -> None; makes cached row ``i`` the old row
+            ``order[i]``. ``rows``, given when rows have left, are the old indices of the rows that stay:
+            state kept per row rather than per beam (an encoder's memory) keeps only those.
         start: the token each row's beams are fed first ``(B,)``: BOS, or a prompt's last token.
         limits: most generated tokens per row ``(B,)``, EOS included, at least 1.
         beam_size: live hypotheses ``K`` per row.
@@ -205,15 +216,16 @@ def search_beams(step, reorder, start: Tensor, limits: Tensor, beam_size: int, n
     """
     if beam_size < 1 or not 1 <= nbest <= beam_size:
         raise ValueError(f"need beam_size >= 1 and 1 <= nbest <= beam_size, got {beam_size} and {nbest}.")
-    batch, k, device = start.size(0), beam_size, start.device
-    tokens = start.repeat_interleave(k)[:, None]  # (B*K, 1); column 0 is no part of a hypothesis
-    scores = torch.full((batch, k), -math.inf, device=device)
+    k, device = beam_size, start.device
+    tokens = start.repeat_interleave(k)[:, None]  # (B'*K, 1); column 0 is no part of a hypothesis
+    scores = torch.full((start.size(0), k), -math.inf, device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    finished_count = torch.zeros(batch, dtype=torch.long, device=device)
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
+    finished: list[list[Hypothesis]] = [[] for _ in range(start.size(0))]
+    searching = torch.arange(start.size(0), device=device)  # each live row's index in the input
+    finished_count = torch.zeros(start.size(0), dtype=torch.long, device=device)
     within_beam = torch.arange(2 * k, device=device) < k
     for length in range(1, int(limits.max()) + 1):
+        batch = scores.size(0)
         log_probs = step(tokens[:, -1:])
         vocab = log_probs.size(-1)
         log_probs[:, [pad_token_id, bos_token_id]] = -math.inf
@@ -223,28 +235,32 @@ def search_beams(step, reorder, start: Tensor, limits: Tensor, beam_size: int, n
             log_probs[at_limit] = -math.inf
             log_probs[at_limit, eos_token_id] = eos_log_probs
         # A row's 2K best continuations are among each of its beams' 2K best tokens, so the
-        # (B*K, V) scores are never summed in full.
+        # (B'*K, V) scores are never summed in full.
         width = min(2 * k, vocab)
-        beam_log_probs, beam_tokens = log_probs.topk(width, dim=1)  # (B*K, 2K)
+        beam_log_probs, beam_tokens = log_probs.topk(width, dim=1)  # (B'*K, 2K)
         candidates = (scores.view(-1, 1) + beam_log_probs).view(batch, k * width)
-        top_scores, top_index = candidates.topk(min(2 * k, k * width), dim=1)  # (B, 2K), best first
+        top_scores, top_index = candidates.topk(min(2 * k, k * width), dim=1)  # (B', 2K), best first
         top_beams, top_tokens = top_index // width, beam_tokens.view(batch, k * width).gather(1, top_index)
         is_eos = top_tokens == eos_token_id
         # An EOS ranked within the top K ends a hypothesis; the K best others continue.
-        ends = is_eos & within_beam[: is_eos.size(1)] & top_scores.isfinite() & ~done[:, None]
+        ends = is_eos & within_beam[: is_eos.size(1)] & top_scores.isfinite()
         penalty = length_penalty(length, alpha, penalty_style)
         for b, rank in ends.nonzero().tolist():
             score, beam = top_scores[b, rank].item(), int(top_beams[b, rank])
-            finished[b].append(Hypothesis(tokens[b * k + beam, 1:].tolist(), score / penalty, score))
+            finished[int(searching[b])].append(Hypothesis(tokens[b * k + beam, 1:].tolist(), score / penalty, score))
         next_scores, pick = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=1)
-        next_beams, next_tokens = top_beams.gather(1, pick), top_tokens.gather(1, pick)
         finished_count += ends.sum(1)
-        done |= (finished_count >= k) | next_scores[:, 0].isinf()
-        if bool(done.all()):
+        stay = ((finished_count < k) & next_scores[:, 0].isfinite()).nonzero().squeeze(1)
+        if stay.numel() == 0:
             break
-        scores = next_scores.masked_fill(done[:, None], -math.inf)
-        order = (torch.arange(batch, device=device)[:, None] * k + next_beams).view(-1)
-        next_tokens = next_tokens.masked_fill(done[:, None], pad_token_id)
+        rows = stay if stay.numel() < batch else None
+        if rows is not None:
+            next_scores, pick, top_beams, top_tokens = (t.index_select(0, rows) for t in (next_scores, pick, top_beams,
+                                                                                              top_tokens))
+            searching, limits, finished_count = searching[rows], limits[rows], finished_count[rows]
+        next_beams, next_tokens = top_beams.gather(1, pick), top_tokens.gather(1, pick)
+        order = (stay[:, None] * k + next_beams).view(-1)
         tokens = torch.cat([tokens.index_select(0, order), next_tokens.view(-1, 1)], dim=1)
-        reorder(order)
+        scores = next_scores
+        reorder(order, rows)
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]

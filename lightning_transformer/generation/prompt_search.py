@@ -10,7 +10,6 @@ positions it would get alone, hence the same hypotheses whatever its padding and
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -75,8 +74,11 @@ def _search_group(model, group: Tensor, limits: Tensor, beam_size: int, nbest: i
     def step(last: Tensor) -> Tensor:
         return log_softmax(model(last, cache=cache)[:, -1])
 
-    return search_beams(step, functools.partial(model.reorder_cache, cache), group[:, -1], limits, beam_size, nbest,
-                        model.pad_token_id, bos_token_id, eos_token_id, alpha, penalty_style)
+    def reorder(order: Tensor, rows: Tensor | None) -> None:
+        model.reorder_cache(cache, order)  # every cached tensor is per beam: ``order`` alone drops finished rows
+
+    return search_beams(step, reorder, group[:, -1], limits, beam_size, nbest, model.pad_token_id, bos_token_id,
+                        eos_token_id, alpha, penalty_style)
 
 
 def beam_generate(model, prompts: Tensor, beam_size: int, max_new_tokens: int, bos_token_id: int,
