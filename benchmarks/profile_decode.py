@@ -1,0 +1,91 @@
+"""Where a decoding batch's time goes: PyTorch profiler over ``beam_search`` or ``greedy_decode``, top operators.
+
+Decodes Multi30k validation sentences with a randomly initialised small or base model, as
+``benchmarks/throughput.py`` does (bf16 autocast or float32, a fixed limit of tokens a sentence,
+which random weights reach), then prints the operators with the most self CPU time and writes them
+to ``benchmarks/results/profile_decode_<mode>_<preset>_<precision>.md``.
+
+    python benchmarks/profile_decode.py [--mode beam4|greedy] [--preset small|base] [--precision bf16|fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from profile_step import PRESETS
+from torch.profiler import ProfilerActivity, profile
+
+from lightning_transformer import Seq2SeqTransformer, beam_search, greedy_decode, tune_malloc
+from lightning_transformer.data import TranslationDataModule
+from lightning_transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from lightning_transformer.nn.cpu_choices import machine_key
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def sources(data: Path, vocab: int, sentences: int) -> torch.Tensor:
+    """One validation batch ``(B, S)`` of ``sentences`` sources from the middle of the length-sorted split."""
+    module = TranslationDataModule(dataset=str(data), format="text", src_lang="en", tgt_lang="de",
+                                   vocab_size=vocab, max_tokens=None, batch_size=sentences, max_length=128)
+    module.prepare_data()
+    module.setup("fit")
+    batches = [b["src"] for b in module.val_dataloader()]
+    src = batches[len(batches) // 2]
+    return src[:, : int((src != PAD_ID).sum(1).max())]
+
+
+def run(model, src: torch.Tensor, mode: str, max_len: int) -> None:
+    if mode == "greedy":
+        greedy_decode(model, src, max_len, PAD_ID, BOS_ID, EOS_ID)
+    else:
+        beam_search(model, src, 4, 0.0, max_len, PAD_ID, BOS_ID, EOS_ID, 0.6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["beam4", "greedy"], default="beam4")
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--sentences", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "multi30k")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    tune_malloc()  # as the CLI does
+    torch.manual_seed(0)
+    model = Seq2SeqTransformer(src_vocab_size=args.vocab, tgt_vocab_size=args.vocab, share_embeddings=True,
+                               **PRESETS[args.preset]).eval()
+    src = sources(args.data, args.vocab, args.sentences)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+    with torch.inference_mode(), autocast:
+        run(model, src[:2], args.mode, 2)
+        start = time.perf_counter()
+        for _ in range(args.repeats):
+            run(model, src, args.mode, args.max_new_tokens)
+        seconds = (time.perf_counter() - start) / args.repeats
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(args.repeats):
+                run(model, src, args.mode, args.max_new_tokens)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
+    command = " ".join(["python benchmarks/profile_decode.py", f"--mode {args.mode}", f"--preset {args.preset}",
+                        f"--precision {args.precision}", f"--sentences {args.sentences}"])
+    report = (f"# Profile of {args.mode} decoding, {args.preset} preset, {args.precision}\n\n"
+              f"{datetime.date.today()} · {machine_key()} · `{command}`\n\n"
+              f"{args.sentences} sentences × {args.max_new_tokens} tokens: {seconds * 1e3:.0f} ms a batch "
+              f"unprofiled ({args.sentences * args.max_new_tokens / seconds:,.0f} tokens/s), mean of "
+              f"{args.repeats}; the profile covers {args.repeats} more.\n\n```\n{table}\n```\n")
+    print(report)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"profile_decode_{args.mode}_{args.preset}_{args.precision}.md").write_text(report)
+
+
+if __name__ == "__main__":
+    main()
