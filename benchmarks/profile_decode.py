@@ -11,22 +11,19 @@ to ``benchmarks/results/profile_decode_<mode>_<preset>_<precision>.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from profile_step import PRESETS
+from profile_step import PRESETS, write_report
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_transformer import Seq2SeqTransformer, beam_search, greedy_decode, tune_malloc
 from lightning_transformer.data import TranslationDataModule
 from lightning_transformer.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from lightning_transformer.nn.cpu_choices import machine_key
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 
 
 def sources(data: Path, vocab: int, sentences: int) -> torch.Tensor:
@@ -74,18 +71,13 @@ def main() -> None:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(args.repeats):
                 run(model, src, args.mode, args.max_new_tokens)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
     command = " ".join(["python benchmarks/profile_decode.py", f"--mode {args.mode}", f"--preset {args.preset}",
                         f"--precision {args.precision}", f"--sentences {args.sentences}"])
-    report = (f"# Profile of {args.mode} decoding, {args.preset} preset, {args.precision}\n\n"
-              f"{datetime.date.today()} · {machine_key()} · `{command}`\n\n"
-              f"{args.sentences} sentences × {args.max_new_tokens} tokens: {seconds * 1e3:.0f} ms a batch "
-              f"unprofiled ({args.sentences * args.max_new_tokens / seconds:,.0f} tokens/s), mean of "
-              f"{args.repeats}; the profile covers {args.repeats} more.\n\n```\n{table}\n```\n")
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"profile_decode_{args.mode}_{args.preset}_{args.precision}.md").write_text(report)
-
+    note = (f"{args.sentences} sentences × {args.max_new_tokens} tokens: {seconds * 1e3:.0f} ms a batch unprofiled "
+            f"({args.sentences * args.max_new_tokens / seconds:,.0f} tokens/s), mean of {args.repeats}; the profile "
+            f"covers {args.repeats} more.\n\n")
+    write_report(prof, f"Profile of {args.mode} decoding, {args.preset} preset, {args.precision}", command,
+                 f"profile_decode_{args.mode}_{args.preset}_{args.precision}", args.top, note)
 
 if __name__ == "__main__":
     main()

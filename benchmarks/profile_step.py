@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_transformer import Seq2SeqTransformer, tune_malloc
+from lightning_transformer.nn.cpu_choices import machine_key
 
 RESULTS = Path(__file__).parent / "results"
 PRESETS = {
@@ -55,6 +55,15 @@ def train_step(model: Seq2SeqTransformer, optimizer: torch.optim.Optimizer, batc
     optimizer.zero_grad(set_to_none=set_to_none)
 
 
+def write_report(prof: profile, title: str, command: str, name: str, top: int, note: str = "") -> None:
+    """Prints the ``top`` operators by self CPU time under a header naming the machine; writes ``results/<name>.md``."""
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+    report = f"# {title}\n\n{datetime.date.today()} · {machine_key()} · `{command}`\n\n{note}```\n{table}\n```\n"
+    print(report)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(report)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=PRESETS, default="small")
@@ -76,16 +85,10 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for batch in batches[3:]:
             train_step(model, optimizer, batch, autocast)
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.top)
     command = " ".join(["python benchmarks/profile_step.py", f"--preset {args.preset}",
                         f"--precision {args.precision}", f"--steps {args.steps}"])
-    report = (f"# Profile of {args.steps} training steps, {args.preset} preset, {args.precision}\n\n"
-              f"{datetime.date.today()} · {platform.processor() or platform.machine()} · torch {torch.__version__} · "
-              f"{torch.get_num_threads()} threads · `{command}`\n\n```\n{table}\n```\n")
-    print(report)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"profile_{args.preset}_{args.precision}.md").write_text(report)
-
+    write_report(prof, f"Profile of {args.steps} training steps, {args.preset} preset, {args.precision}", command,
+                 f"profile_{args.preset}_{args.precision}", args.top)
 
 if __name__ == "__main__":
     main()
