@@ -126,7 +126,7 @@ def test_a_batched_beam_search_equals_searching_each_sentence_alone():
 
 
 class RecordingTableModel(TableModel):
-    """:class:`TableModel` noting the rows of every step: (hypotheses fed, encoder memory rows)."""
+    """:class:`TableModel` noting the rows of every step: (hypotheses fed, encoder memory rows, source mask rows)."""
 
     def __init__(self):
         self.rows = []
