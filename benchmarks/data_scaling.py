@@ -144,19 +144,22 @@ def report(rows: list[dict], args: argparse.Namespace, command: str) -> str:
     for row in rows:
         first, rank = row["first"], row["rank"]
         lines.append(
-            f"| {row['code']} | {row['pairs']:,} | {first['seconds']:.1f} | {first['seconds'] / row['pairs'] * 1e6:.1f} "
+            f"| {row['code']} | {row['pairs']:,} | {first['seconds']:.1f} "
+            f"| {first['seconds'] / row['pairs'] * 1e6:.1f} "
             f"| {rank['seconds']:.2f} | {first['peak_rss_mib']:.0f} / {first['peak_anon_mib']:.0f} "
             f"| {rank['peak_rss_mib']:.0f} / {rank['peak_anon_mib']:.0f} |"
         )
     old = {row["pairs"]: row for row in rows if row["code"] == "old"}
     if old:
         lines += ["", "Before / after (old code's value divided by the new one's):", "",
-                  "| pairs | first setup | cached setup | prepare: peak anon | rank: peak anon |", "|---:|---:|---:|---:|---:|"]
+                  "| pairs | first setup | cached setup | prepare: peak anon | rank: peak anon |",
+                  "|---:|---:|---:|---:|---:|"]
         for row in new:
             if row["pairs"] in old:
                 before = old[row["pairs"]]
-                ratio = [before[role][key] / row[role][key] for role, key in
-                         (("first", "seconds"), ("rank", "seconds"), ("first", "peak_anon_mib"), ("rank", "peak_anon_mib"))]
+                columns = (("first", "seconds"), ("rank", "seconds"), ("first", "peak_anon_mib"),
+                           ("rank", "peak_anon_mib"))
+                ratio = [before[role][key] / row[role][key] for role, key in columns]
                 lines.append(f"| {row['pairs']:,} | " + " | ".join(f"{value:.1f}x" for value in ratio) + " |")
     lines += ["", f"First setup of the new code fits {slope:.1f} s per million pairs {intercept:+.1f} s "
               f"(least squares over {', '.join(f'{size:g}' for size in sizes)} M pairs)."]

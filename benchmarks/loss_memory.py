@@ -92,7 +92,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", variant, *sizes],
                                  capture_output=True, text=True, check=True)
             runs[variant].append(json.loads(out.stdout))
-    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mib", "seconds", "loss")} for v, rs in runs.items()}
+    med = {v: {k: statistics.median(r[k] for r in rs) for k in ("peak_mib", "seconds", "loss")}
+           for v, rs in runs.items()}
     guide = med["materialised"]
     logits_mib = args.tokens * args.vocab * 4 / 2**20
     lines = [

@@ -83,7 +83,8 @@ def main() -> None:
             out = subprocess.run([sys.executable, __file__, "--child", precision, str(int(checkpointing)), *sizes],
                                  capture_output=True, text=True, check=True)
             runs[precision, checkpointing].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("peak_mib", "step_s", "tokens")} for c, rs in runs.items()}
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("peak_mib", "step_s", "tokens")}
+           for c, rs in runs.items()}
     fp32 = med["fp32", False]
     lines = [
         f"# Memory levers at base size (d_model 512, 6+6 layers, vocab 8k), batch {args.batch_size} pairs "

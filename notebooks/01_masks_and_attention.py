@@ -43,10 +43,13 @@ from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader
 
 from lightning_transformer import (
-    Seq2SeqTransformer, create_causal_mask, create_combined_mask, create_padding_mask, greedy_decode,
+    Seq2SeqTransformer,
+    create_causal_mask,
+    create_combined_mask,
+    create_padding_mask,
+    greedy_decode,
 )
-from lightning_transformer.data import TranslationDataModule
-from lightning_transformer.data import collate
+from lightning_transformer.data import TranslationDataModule, collate
 
 seed_everything(0)
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -213,8 +216,10 @@ sentence = int(src_lengths.argsort()[4])  # a middling length, so padding shows
 src_len = int(src_lengths[sentence])
 tgt_len = int((test_tgt[sentence] != PAD).sum()) - 1
 panels = [
-    ("encoder self-attention", weights["encoder_layers.1.self_attn"], slice(None, src_len), "source key", "source query"),
-    ("decoder self-attention", weights["decoder_layers.1.self_attn"], slice(None, tgt_len), "target key", "target query"),
+    ("encoder self-attention", weights["encoder_layers.1.self_attn"], slice(None, src_len),
+     "source key", "source query"),
+    ("decoder self-attention", weights["decoder_layers.1.self_attn"], slice(None, tgt_len),
+     "target key", "target query"),
     ("cross-attention", weights["decoder_layers.1.cross_attn"], slice(None, tgt_len), "source key", "target query"),
 ]
 fig, axes = plt.subplots(1, 3, figsize=(14, 4))

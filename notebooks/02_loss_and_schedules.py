@@ -40,7 +40,12 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_transformer import (
-    LabelSmoothingLoss, Seq2SeqTransformer, cosine_lambda, noam_lambda, noam_schedule, tune_malloc,
+    LabelSmoothingLoss,
+    Seq2SeqTransformer,
+    cosine_lambda,
+    noam_lambda,
+    noam_schedule,
+    tune_malloc,
 )
 from lightning_transformer.data import TranslationDataModule
 
@@ -181,7 +186,8 @@ for epsilon, model in models.items():
     axes[0].plot(mean_confidence[seen], accuracy[seen], "o-", label=f"ε = {epsilon}: ECE {ece:.3f}")
     axes[1].hist(confidence.numpy(), bins=20, range=(0, 1), histtype="step", label=f"ε = {epsilon}")
     print(f"ε = {epsilon}: {len(confidence):,} tokens, mean confidence {confidence.mean():.3f}, "
-          f"accuracy {correct.mean():.3f}, ECE {ece:.3f}, confidence above 0.95 on {(confidence > 0.95).float().mean():.1%}")
+          f"accuracy {correct.mean():.3f}, ECE {ece:.3f}, "
+          f"confidence above 0.95 on {(confidence > 0.95).float().mean():.1%}")
 axes[0].set(title="reliability diagram", xlabel="confidence (top-1 probability)", ylabel="accuracy")
 axes[1].set(title="how confident the predictions are", xlabel="confidence", ylabel="tokens")
 for ax in axes:
@@ -238,7 +244,8 @@ fig, axes = plt.subplots(1, 2, figsize=(12, 3))
 for ax, shown in zip(axes, (longest, 20000)):
     visible = [s for s in steps if s < shown]
     for name, c in configs.items():
-        ax.plot(visible, [noam_lambda(s, c["d_model"], c["warmup"], c["factor"]) for s in visible], label=f"Noam, {name}")
+        noam = [noam_lambda(s, c["d_model"], c["warmup"], c["factor"]) for s in visible]
+        ax.plot(visible, noam, label=f"Noam, {name}")
     cosine = [base_peak * cosine_lambda(s, base["warmup"], base["steps"]) for s in visible]
     ax.plot(visible, cosine, "--", label="cosine with warm-up, base run")
     ax.set(title="the whole run" if shown == longest else "the first 20k steps", xlabel="optimizer step",

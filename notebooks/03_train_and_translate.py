@@ -41,9 +41,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_transformer import Seq2SeqTransformer, TrainingDoctor, beam_search, greedy_decode, tune_malloc
-from lightning_transformer.data import TranslationDataModule
 from lightning_transformer.callbacks import TokenThroughput, TranslationMetrics
 from lightning_transformer.cli.translate import load_translator, translate
+from lightning_transformer.data import TranslationDataModule
 
 tune_malloc()  # keeps per-step buffers allocated between steps: ~10% faster on CPU (the CLI does this too)
 seed_everything(1)
@@ -80,7 +80,8 @@ print(f"{len(data.splits['train']):,} training pairs, {len(data.splits['validati
 hparams = dict(demo["model"]["init_args"], src_vocab_size=tokenizer.vocab_size, tgt_vocab_size=tokenizer.vocab_size)
 max_steps, val_every = (40, 20) if QUICK else (demo["trainer"]["max_steps"], demo["trainer"]["val_check_interval"])
 if QUICK:  # a much smaller network, so the test run takes seconds
-    hparams.update(d_model=64, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=128, warmup_steps=10)
+    hparams.update(d_model=64, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=128,
+                   warmup_steps=10)
 model = Seq2SeqTransformer(**hparams)
 metrics = TranslationMetrics(beam_size=4, every_n_evaluations=1 if QUICK else 5)
 trainer = Trainer(

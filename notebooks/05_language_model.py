@@ -82,7 +82,8 @@ print(f"{len(data.splits['train']):,} training lines, {len(data.splits['validati
 
 # %%
 hparams = dict(lm_demo["model"]["init_args"], vocab_size=tokenizer.vocab_size)
-max_steps, val_every = (40, 20) if QUICK else (lm_demo["trainer"]["max_steps"], lm_demo["trainer"]["val_check_interval"])
+schedule = lm_demo["trainer"]
+max_steps, val_every = (40, 20) if QUICK else (schedule["max_steps"], schedule["val_check_interval"])
 if QUICK:  # a much smaller network, so the test run takes seconds
     hparams.update(d_model=64, nhead=2, num_layers=1, dim_feedforward=128, warmup_steps=10)
 model = CausalLMTransformer(**hparams)

@@ -137,7 +137,8 @@ def main() -> None:
     model.load_state_dict(torch.load(args.init))
     record, barriers = RecordLosses(), CountBarriers()
     trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
-                      max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False, callbacks=[barriers, record],
+                      max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False,
+                      callbacks=[barriers, record],
                       plugins=[BF16MasterWeights()] if args.master_weights else None,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, UnevenPairs(args.model))

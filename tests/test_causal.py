@@ -69,7 +69,8 @@ def test_weight_tying_shares_storage_and_fused_loss_applies(ids):
     assert tied.generator.weight.data_ptr() == tied.embed.token.weight.data_ptr()
     assert untied.generator.weight.data_ptr() != untied.embed.token.weight.data_ptr()
     tied.train()
-    loss = ProjectedLabelSmoothingLoss(VOCAB, smoothing=0.1)(tied.states(ids[:, :-1]), tied.generator.weight, ids[:, 1:])
+    criterion = ProjectedLabelSmoothingLoss(VOCAB, smoothing=0.1)
+    loss = criterion(tied.states(ids[:, :-1]), tied.generator.weight, ids[:, 1:])
     loss.backward()
     assert loss.isfinite() and tied.embed.token.weight.grad.abs().sum() > 0
     assert all(p.grad is not None for p in tied.parameters())

@@ -98,8 +98,9 @@ def test_resume_continues_the_same_schedule_and_curve(tmp_path):
     def run(max_steps, ckpt_path=None, callbacks=()):
         torch.manual_seed(0)
         record = RecordSteps()
-        trainer(tmp_path, max_steps=max_steps, callbacks=[record, *callbacks], enable_checkpointing=bool(callbacks)).fit(
-            tiny_lm(dropout=0.0, warmup_steps=3), DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
+        run = trainer(tmp_path, max_steps=max_steps, callbacks=[record, *callbacks],
+                      enable_checkpointing=bool(callbacks))
+        run.fit(tiny_lm(dropout=0.0, warmup_steps=3), DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
         return record
 
     full = run(8)

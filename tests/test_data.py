@@ -183,7 +183,8 @@ def test_tokenizer_trains_on_a_bounded_repeatable_sample(folder_module, tmp_path
     folder_module().setup("fit")
     (first, normalization), (second, _), (everything, _) = seen
     assert first == second and len(first) == 10 and normalization == "nfkc"
-    english, spanish = {EN.index(text) for text in first if text in EN}, {ES.index(text) for text in first if text in ES}
+    english = {EN.index(text) for text in first if text in EN}
+    spanish = {ES.index(text) for text in first if text in ES}
     assert english == spanish and max(english) < 20  # five whole training pairs
     assert sorted(everything) == sorted(EN[:20] + ES[:20])
 

@@ -20,7 +20,8 @@ MAX_LENGTH = MAX_NEW_TOKENS + 1  # HF's max_length counts the decoder start toke
 
 @pytest.fixture(scope="module")
 def exported(small_run, small_corpus, tmp_path_factory):
-    """(our model, our tokenizer, HF model, HF tokenizer, export folder, validation pairs) of small_run's last checkpoint."""
+    """(our model, our tokenizer, HF model, HF tokenizer, export folder, validation pairs) of small_run's
+    last checkpoint."""
     model, tokenizer = load_translator(small_run[0] / "checkpoints" / "last.ckpt")
     folder = export_hf(model, tokenizer, tmp_path_factory.mktemp("hf") / "marian")
     hf_model = transformers.MarianMTModel.from_pretrained(folder, local_files_only=True).eval()

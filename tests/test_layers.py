@@ -27,7 +27,10 @@ def reference_attention(attn, x, mask, memory=None):
         k, v = attn.kv_proj(memory.double()).chunk(2, dim=-1)
     else:
         q, k, v = attn.qkv_proj(x).chunk(3, dim=-1)
-    split = lambda t: t.view(t.size(0), t.size(1), h, dh).transpose(1, 2)
+
+    def split(t):
+        return t.view(t.size(0), t.size(1), h, dh).transpose(1, 2)
+
     q, k, v = split(q), split(k), split(v)
     scores = q @ k.transpose(-1, -2) / math.sqrt(dh)
     scores = scores.masked_fill(~mask, float("-inf"))

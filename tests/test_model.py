@@ -282,7 +282,8 @@ def test_accumulating_two_uneven_batches_equals_one_batch_of_both(tmp_path):
     for batches, accumulate in (([(src, short), (src, long)], 2), (both, 1)):
         torch.manual_seed(0)
         model = tiny_model(dropout=0.0, warmup_steps=1, eps=1e-4)
-        trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate).fit(model, DataLoader(batches, batch_size=None))
+        run = trainer(tmp_path, max_steps=1, accumulate_grad_batches=accumulate)
+        run.fit(model, DataLoader(batches, batch_size=None))
         models.append(model)
     for accumulated, single in zip(models[0].parameters(), models[1].parameters()):
         assert torch.allclose(accumulated, single, atol=1e-5), (accumulated - single).abs().max()

@@ -141,7 +141,8 @@ class _Recorder(L.LightningModule):
 
     def train_dataloader(self):
         lengths = LENGTHS[:300]
-        rows = _Rows({"src_ids": [[5] * n for n in lengths], "tgt_ids": [[6] * n for n in lengths], "index": range(300)})
+        rows = _Rows({"src_ids": [[5] * n for n in lengths], "tgt_ids": [[6] * n for n in lengths],
+                      "index": range(300)})
         sampler = TokenBudgetBatchSampler(lengths, max_tokens=512)
         return ResumableDataLoader(rows, sampler, collate_fn=lambda batch: collate(batch, pad_id=0))
 

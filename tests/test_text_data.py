@@ -17,7 +17,10 @@ def write_text(folder: Path, gz: bool = False) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for split, lines in (("train", TRAIN), ("valid", VALIDATION)):
         data = "".join(f"{line}\n" for line in lines).encode()
-        (folder / f"{split}.txt.gz").write_bytes(gzip.compress(data)) if gz else (folder / f"{split}.txt").write_bytes(data)
+        if gz:
+            (folder / f"{split}.txt.gz").write_bytes(gzip.compress(data))
+        else:
+            (folder / f"{split}.txt").write_bytes(data)
     return folder
 
 
@@ -53,7 +56,11 @@ def write_disk(folder: Path) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("write", [write_text, lambda folder: write_text(folder, gz=True), write_jsonl, write_tsv, write_disk])
+def write_text_gz(folder):
+    return write_text(folder, gz=True)
+
+
+@pytest.mark.parametrize("write", [write_text, write_text_gz, write_jsonl, write_tsv, write_disk])
 def test_each_format_gives_bos_eos_batches(tmp_path, write):
     dm = module(write(tmp_path / "data"), tmp_path)
     batch = next(iter(dm.val_dataloader()))

@@ -81,8 +81,9 @@ class TokenizedDataModule(LightningDataModule):
         trainer = self.trainer
         model_max = getattr(trainer.lightning_module, "hparams", {}).get("max_len") if trainer is not None else None
         if model_max is not None and self.hparams.max_length > model_max:
-            raise ValueError(f"data max_length={self.hparams.max_length} exceeds the model's max_len={model_max}, so "
-                             "long sequences would overflow its positions; lower data.max_length or raise model.max_len.")
+            raise ValueError(f"data max_length={self.hparams.max_length} exceeds the model's max_len={model_max}, "
+                             "so long sequences would overflow its positions; lower data.max_length or raise "
+                             "model.max_len.")
         if self.tokenizer is None:
             self.tokenizer = self._load_tokenizer()
         self._tokenise(self.tokenizer)
@@ -174,7 +175,8 @@ class TokenizedDataModule(LightningDataModule):
     # ----- text, tokenizer, tokenised splits --------------------------------------------------
     def _open(self) -> tuple[Path, dict[str, Dataset]]:
         if self._text is None:
-            root = self.hparams.cache_dir or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "lightning_transformer"
+            default_root = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "lightning_transformer"
+            root = self.hparams.cache_dir or default_root
             self._text = self.open_text(Path(root).expanduser())
         return self._text
 

@@ -39,7 +39,8 @@ def collate(examples: dict[str, list], pad_id: int, columns: tuple[tuple[str, st
 
 
 def collate_lines(examples: dict[str, list], pad_id: int = 0) -> Batch:
-    """A language model's batch: ``{"ids": [...], "index": [...]}`` -> ``{"tgt": (B, T), "index": (B,)}``, keeping ``filler``."""
+    """A language model's batch: ``{"ids": [...], "index": [...]}`` -> ``{"tgt": (B, T), "index": (B,)}``,
+    keeping ``filler``."""
     return collate(examples, pad_id, columns=(("tgt", "ids"),))
 
 

@@ -146,7 +146,8 @@ def _file_sources(
     """Map split names to their input files and a reader of their pairs."""
     if format != "text":
         stem, read = (".jsonl", _jsonl_pairs) if format == "jsonl" else (".tsv", _tsv_pairs)
-        return {split: ([path], partial(read, path, src_lang, tgt_lang)) for split, path in find_split_files(folder, stem).items()}
+        files = find_split_files(folder, stem)
+        return {split: ([path], partial(read, path, src_lang, tgt_lang)) for split, path in files.items()}
     sources, targets = find_split_files(folder, f".{src_lang}"), find_split_files(folder, f".{tgt_lang}")
     for split in sorted(sources.keys() ^ targets.keys()):
         present, lang = (sources[split], tgt_lang) if split in sources else (targets[split], src_lang)
@@ -170,7 +171,8 @@ def read_lines(path: Path) -> Iterator[str]:
         raise ValueError(f"{path} is not valid UTF-8 (line {number}, byte {error.start}: {error.reason}). "
                          "Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`.") from None
     except gzip.BadGzipFile:
-        raise ValueError(f"{path} ends in .gz but is not gzip data. Compress it with gzip or drop the suffix.") from None
+        raise ValueError(
+            f"{path} ends in .gz but is not gzip data. Compress it with gzip or drop the suffix.") from None
     if not number:
         raise ValueError(f"{path} is empty. Put one example per line in it, or remove the file.")
 

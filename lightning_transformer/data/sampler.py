@@ -113,7 +113,8 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         missing = {"epoch", "seed", "batches_yielded"} - state.keys()
         if missing:
             raise ValueError(
-                f"The sampler state lacks {sorted(missing)}. Pass a dict returned by TokenBudgetBatchSampler.state_dict."
+                f"The sampler state lacks {sorted(missing)}. "
+                "Pass a dict returned by TokenBudgetBatchSampler.state_dict."
             )
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])

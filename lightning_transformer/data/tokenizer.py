@@ -70,7 +70,8 @@ class Tokenizer:
         if vocab_size <= reserved:
             raise ValueError(
                 f"vocab_size={vocab_size} leaves no room for text tokens after the {len(SPECIAL_TOKENS)} special "
-                f"and {len(BYTE_TOKENS)} byte tokens. Use a vocab_size of {reserved + 256} or more (8000 or more for real corpora)."
+                f"and {len(BYTE_TOKENS)} byte tokens. Use a vocab_size of {reserved + 256} or more "
+                "(8000 or more for real corpora)."
             )
         hf_tokenizer = _pipeline(_HFTokenizer(models.BPE(unk_token=UNK)), normalization)
         trainer = trainers.BpeTrainer(

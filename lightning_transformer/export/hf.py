@@ -53,7 +53,8 @@ def export_hf(model: Seq2SeqTransformer, tokenizer: Tokenizer, output: str | Pat
     """
     output = Path(output)
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise FileExistsError(f"{output} exists and is not empty; choose a new output folder (exports never overwrite).")
+        raise FileExistsError(
+            f"{output} exists and is not empty; choose a new output folder (exports never overwrite).")
     _check_exportable(model)
     transformers = _import_transformers()
     marian = transformers.MarianMTModel(_marian_config(transformers, model))
@@ -178,7 +179,8 @@ def _attention(name: str, attention: MultiHeadAttention, perm: Tensor) -> dict[s
 
 def _feed_forward(prefix: str, feed_forward: nn.Module, perm: Tensor) -> dict[str, Tensor]:
     linear1 = feed_forward.linear1
-    return _reading(f"{prefix}.fc1", linear1.weight, linear1.bias, perm) | _writing(f"{prefix}.fc2", feed_forward.linear2, perm)
+    return (_reading(f"{prefix}.fc1", linear1.weight, linear1.bias, perm)
+            | _writing(f"{prefix}.fc2", feed_forward.linear2, perm))
 
 
 def _layer_norm(name: str, norm: nn.LayerNorm, perm: Tensor) -> dict[str, Tensor]:

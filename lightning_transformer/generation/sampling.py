@@ -58,7 +58,8 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 
 def filter_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None) -> Tensor:
-    """``logits / temperature`` then :func:`top_k_filter` and :func:`top_p_filter`; the sampling distribution's logits."""
+    """``logits / temperature`` then :func:`top_k_filter` and :func:`top_p_filter`: the sampling
+    distribution's logits."""
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be positive to sample; use temperature=0 in "
                          "sample_next/generate for greedy decoding.")
@@ -84,7 +85,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 
 def pack_prompts(prompts: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Move every row's padding to its end, keeping token order: ``(B, P)`` -> (right-padded ``(B, P)``, lengths ``(B,)``)."""
+    """Move every row's padding to its end, keeping token order:
+    ``(B, P)`` -> (right-padded ``(B, P)``, lengths ``(B,)``)."""
     padding = prompts == pad_token_id
     order = padding.long().argsort(dim=1, stable=True)
     lengths = (~padding).sum(dim=1)

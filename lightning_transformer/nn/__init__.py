@@ -7,6 +7,7 @@ from .masks import create_causal_mask, create_combined_mask, create_padding_mask
 from .transformer import Transformer
 
 __all__ = [
-    "CausalTransformer", "DecoderLayer", "Embeddings", "EncoderLayer", "FeedForward", "MultiHeadAttention", "Transformer",
+    "CausalTransformer", "DecoderLayer", "Embeddings", "EncoderLayer", "FeedForward", "MultiHeadAttention",
+    "Transformer",
     "create_causal_mask", "create_combined_mask", "create_padding_mask", "sinusoidal_positions",
 ]

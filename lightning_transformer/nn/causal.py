@@ -114,8 +114,9 @@ class CausalTransformer(nn.Module):
                              "dimension with ids[None].")
         past = self.cached_length(cache)
         if past + ids.size(1) > self.max_len:
-            raise ValueError(f"{past} cached plus {ids.size(1)} new positions exceed the model's max_len={self.max_len}; "
-                             "shorten the sequence (data max_length, generation max_new_tokens) or raise max_len.")
+            raise ValueError(f"{past} cached plus {ids.size(1)} new positions exceed the model's "
+                             f"max_len={self.max_len}; shorten the sequence (data max_length, generation "
+                             "max_new_tokens) or raise max_len.")
         if mask is None:
             mask = self.make_mask(ids, cache)
         x = self.embed(ids, offset=past)
