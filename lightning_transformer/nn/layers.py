@@ -199,8 +199,7 @@ def sinusoidal_positions(max_len: int, d_model: int) -> Tensor:
     """``(max_len, d_model)`` table: ``sin`` on even, ``cos`` on odd channels (paper, section 3.5)."""
     # On the CPU explicitly, so that a model built under ``torch.device("meta")`` still gets real values.
     position = torch.arange(max_len, dtype=torch.float64, device="cpu")[:, None]
-    even = torch.arange(0, d_model, 2, dtype=torch.float64, device="cpu")
-    inv_freq = torch.exp(even * (-math.log(10000.0) / d_model))
+    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64, device="cpu") / d_model)
     table = torch.zeros(max_len, d_model, dtype=torch.float64, device="cpu")
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq)[:, : d_model // 2]
