@@ -17,6 +17,7 @@ RUNS = {
     "demo": ("demo.yaml",),
     "lm_demo": ("lm_demo.yaml",),
     "multi30k_en_de": ("multi30k_en_de.yaml",),
+    "multi30k_en_de_tiny": ("multi30k_en_de_tiny.yaml",),
     "base": (PAPER[0], "model/base.yaml", PAPER[1]),
     "big": (PAPER[0], "model/big.yaml", PAPER[1]),
     "multinode": (PAPER[0], "model/base.yaml", PAPER[1], "trainer/multinode.yaml"),
