@@ -1,3 +1,4 @@
+import re
 import time
 import warnings
 
@@ -9,7 +10,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_transformer import Seq2SeqTransformer
-from lightning_transformer.callbacks import RunCutShort
+from lightning_transformer.callbacks import RunCutShort, RunWillBeCutShort
 
 
 class SlowSteps(Callback):
@@ -36,6 +37,20 @@ def test_a_run_cut_short_by_max_time_warns_and_logs_how_far_it_got(tmp_path):
     assert f"optimizer step {trainer.global_step} of" in message
     done = metrics["train/schedule_done"].dropna()
     assert list(done) == [trainer.global_step / 1000]
+
+
+def test_a_run_that_max_time_will_cut_warns_after_its_first_epoch_where_it_will_stop(tmp_path):
+    # 4 steps an epoch of at least 0.2 s each: 40 steps need 8 s, and max_time allows 3.
+    with pytest.warns(RunCutShort) as caught:
+        trainer, _ = fit(tmp_path, max_epochs=10, max_time={"seconds": 3}, callbacks=[SlowSteps()])
+    [forecast] = [str(w.message) for w in caught if w.category is RunWillBeCutShort]
+    [stop] = [str(w.message) for w in caught if w.category is RunCutShort]
+    assert caught.list.index(next(w for w in caught if w.category is RunWillBeCutShort)) < caught.list.index(
+        next(w for w in caught if w.category is RunCutShort))
+    reached = int(re.search(r"stop this run near step (\d+) of the 40 scheduled", forecast).group(1))
+    assert 4 < reached < 40 and "36 steps need about" in forecast
+    assert abs(reached - trainer.global_step) <= 5  # where it stopped, give or take the steps' jitter
+    assert f"optimizer step {trainer.global_step} of the 40" in stop
 
 
 def test_a_run_cut_short_by_epochs_counts_steps_of_its_epochs(tmp_path):
