@@ -72,14 +72,15 @@ def test_every_config_file_is_part_of_a_run():
     assert {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")} == used
 
 
+def differences(a, b, prefix=""):
+    """Dotted keys where two printed configs differ (lists compare whole)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {d for key in a.keys() | b.keys() for d in differences(a.get(key), b.get(key), f"{prefix}{key}.")}
+    return set() if a == b else {prefix.rstrip(".")}
+
+
 def test_paper_runs_differ_only_where_the_paper_does(capsys, monkeypatch):
     base, big, multinode = (printed_config(RUNS[run], capsys, monkeypatch) for run in ("base", "big", "multinode"))
-
-    def differences(a, b, prefix=""):
-        if isinstance(a, dict) and isinstance(b, dict):
-            return {d for key in a.keys() | b.keys() for d in differences(a.get(key), b.get(key), f"{prefix}{key}.")}
-        return set() if a == b else {prefix.rstrip(".")}
-
     assert differences(base, big) == {"trainer.max_steps", *(f"model.init_args.{key}" for key in (
         "d_model", "nhead", "dim_feedforward", "dropout"))}
     assert differences(base, multinode) == {"trainer.accelerator", "trainer.num_nodes", "trainer.strategy",
@@ -91,6 +92,16 @@ def test_paper_runs_differ_only_where_the_paper_does(capsys, monkeypatch):
     for hp in (hp, big_hp):
         assert hp["num_encoder_layers"] == hp["num_decoder_layers"] == 6
         assert hp["warmup_steps"] == 4000 and hp["label_smoothing"] == 0.1 and hp["scheduler"] == "noam"
+
+
+def test_the_tiny_multi30k_run_differs_from_the_main_one_only_in_size_and_schedule(capsys, monkeypatch):
+    # A whole file rather than an overlay: callbacks are a list, which a later --config replaces whole.
+    main_run, tiny = (printed_config(RUNS[run], capsys, monkeypatch)
+                      for run in ("multi30k_en_de", "multi30k_en_de_tiny"))
+    assert differences(main_run, tiny) == {
+        "trainer.max_epochs", "trainer.default_root_dir", "trainer.callbacks", "data.init_args.max_tokens",
+        *(f"model.init_args.{key}" for key in (
+            "d_model", "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "lr", "warmup_steps"))}
 
 
 def test_print_config_from_the_command_line(tmp_path):

@@ -50,13 +50,12 @@ class CompletionCheck(Callback):
         scheduled, step = trainer.estimated_stepping_batches, trainer.global_step
         limits = [t.time_remaining() for t in trainer.callbacks if isinstance(t, Timer)]
         left = min((s for s in limits if s is not None), default=None)
-        if left is None or left <= 0 or not math.isfinite(scheduled) or not first_step < step < scheduled:
+        if left is None or not math.isfinite(scheduled) or not first_step < step < scheduled:
             return
         rate = (step - first_step) / (time.monotonic() - started)  # optimizer steps a second, validation included
-        if (scheduled - step) / rate <= left:
-            return
         reached = step + int(rate * left)
-        if reached == step:  # it stops within a step, and says so then
+        # Silent when the schedule fits, or when the stop is within a step and on_train_end says so.
+        if (scheduled - step) / rate <= left or reached <= step:
             return
         rank_zero_warn(
             f"at the rate trained so far ({rate:.2f} optimizer steps/s), trainer.max_time will stop this run near "

@@ -255,8 +255,8 @@ def search_beams(step, reorder, start: Tensor, limits: Tensor, beam_size: int, n
             break
         rows = stay if stay.numel() < batch else None
         if rows is not None:
-            next_scores, pick, top_beams, top_tokens = (t.index_select(0, rows) for t in (next_scores, pick, top_beams,
-                                                                                              top_tokens))
+            per_row = (next_scores, pick, top_beams, top_tokens)
+            next_scores, pick, top_beams, top_tokens = (t.index_select(0, rows) for t in per_row)
             searching, limits, finished_count = searching[rows], limits[rows], finished_count[rows]
         next_beams, next_tokens = top_beams.gather(1, pick), top_tokens.gather(1, pick)
         order = (stay[:, None] * k + next_beams).view(-1)
