@@ -37,22 +37,30 @@ def _smoothed_terms(z: Tensor, targets: Tensor, smoothing: float, pad: int,
 
     ``-sum_v q_v log p_v`` in closed form: ``q`` puts ``1 - eps`` on the target, ``eps / (V - 2)``
     on every other non-pad token and 0 on padding, so ``q`` is never built. The arithmetic is
-    float32 on one ``(N, V)`` buffer, updated in place (on this CPU bf16 element-wise kernels are
-    slower than float32 ones; ``benchmarks/results/profile_*``).
+    float32 (on this CPU bf16 element-wise kernels are slower than float32 ones;
+    ``benchmarks/results/profile_*``), on at most two ``(N, V)`` buffers updated in place.
     """
-    off_value = smoothing / (z.size(-1) - 2)
-    log_probs = torch.log_softmax(z.float(), dim=-1)
-    target = log_probs.gather(1, targets[:, None]).squeeze(1)
-    # The pad column is left out of the sum rather than subtracted from it: a model that masks
-    # padding out of its output with -inf would otherwise get inf - inf = NaN.
-    pad_column = log_probs[:, pad].clone()
-    log_probs[:, pad] = 0.0
-    others = log_probs.sum(-1) - target
-    log_probs[:, pad] = pad_column
+    off_value, vocab = smoothing / (z.size(-1) - 2), z.size(-1)
+    if with_grad:
+        # One exp pass serves loss and gradient: lse = max z - log max p, since the largest logit
+        # has the largest probability, which cannot underflow.
+        zf = z.to(torch.float32, copy=True)
+        probs = torch.softmax(zf, dim=-1)
+        lse = zf.amax(-1) - probs.amax(-1).log()
+        target = zf.gather(1, targets[:, None]).squeeze(1) - lse
+        # Padding is zeroed rather than subtracted: a model that masks it out of its output with
+        # -inf would otherwise get inf - inf = NaN.
+        zf[:, pad] = 0.0
+        others = zf.sum(-1) - (vocab - 1) * lse - target
+    else:
+        log_probs = torch.log_softmax(z.float(), dim=-1)
+        target = log_probs.gather(1, targets[:, None]).squeeze(1)
+        log_probs[:, pad] = 0.0
+        others = log_probs.sum(-1) - target
     loss, nll = -(1.0 - smoothing) * target - off_value * others, -target
     if not with_grad:
         return loss, nll, None
-    grad = log_probs.exp_().sub_(off_value)
+    grad = probs.sub_(off_value)
     grad[:, pad] += off_value
     grad[torch.arange(z.size(0), device=z.device), targets] -= 1.0 - smoothing - off_value
     return loss, nll, grad.to(z.dtype)
@@ -112,13 +120,20 @@ def _projected_sums(states: Tensor, weight: Tensor, targets: Tensor, smoothing: 
 
     States ``(N, D)`` and weight ``(V, D)`` are projected a chunk of rows at a time; each chunk's
     logits live only inside the loop. The gradients of the sums, if asked for, are accumulated in
-    the same pass, so no ``(N, V)`` tensor exists.
+    the same pass, so no ``(N, V)`` tensor exists. On a CPU padded rows are dropped before
+    projecting (a third of a batch of unsorted sentences); on an accelerator, and under
+    ``torch.compile``, they are zeroed instead: a data-dependent row count would cost a host sync
+    every step, or a graph break.
     """
     loss_sum = torch.zeros((), dtype=torch.float32, device=states.device)
     nll_sum = torch.zeros_like(loss_sum)
     grad_states = torch.zeros_like(states) if states_grad else None
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight_grad else None
-    keep = (targets != pad_token_id)[:, None]
+    keep, rows = targets != pad_token_id, None
+    if states.device.type == "cpu" and not torch.compiler.is_compiling():
+        rows = keep.nonzero().squeeze(1)
+        states, targets, keep = states.index_select(0, rows), targets.index_select(0, rows), keep[rows]
+    keep = keep[:, None]
     need_grad = states_grad or weight_grad
     for start, end in _row_chunks(states.size(0), weight.size(0), states.device):
         chunk_targets, chunk_keep = targets[start:end], keep[start:end]
@@ -132,7 +147,11 @@ def _projected_sums(states: Tensor, weight: Tensor, targets: Tensor, smoothing: 
         if not need_grad:
             continue
         if grad_states is not None:
-            grad_states[start:end] = (grad @ weight) * chunk_keep
+            chunk_grad = (grad @ weight) * chunk_keep
+            if rows is None:
+                grad_states[start:end] = chunk_grad
+            else:
+                grad_states.index_copy_(0, rows[start:end], chunk_grad.to(grad_states.dtype))
         if grad_weight is not None and grad.dtype == grad_weight.dtype == chunk_states.dtype:
             grad_weight.addmm_(grad.t(), chunk_states)  # no weight-sized temporary
         elif grad_weight is not None:
