@@ -43,7 +43,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.nn.utils.rnn import pad_sequence
 
-from lightning_transformer import CausalLMTransformer, LanguageModelDataModule, TrainingDoctor, tune_malloc
+from lightning_transformer import (
+    BF16MasterWeights,
+    CausalLMTransformer,
+    LanguageModelDataModule,
+    TrainingDoctor,
+    tune_malloc,
+)
 from lightning_transformer.callbacks import TokenThroughput
 
 tune_malloc()  # keeps per-step buffers allocated between steps: ~10% faster on CPU (the CLI does this too)
@@ -111,13 +117,14 @@ for b in rows:
 #
 # Three decoder layers of width 256 (post-norm, as in the paper) with tied input and output
 # embeddings, the config's cosine schedule with a 100-step warm-up, and the same `Trainer` flags
-# as the translation demo: `precision="bf16-mixed"`, `gradient_clip_val=1.0`, checkpoints, and
+# as the translation demo: bf16 weights with float32 master weights (`plugins=[BF16MasterWeights()]`),
+# `gradient_clip_val=1.0`, checkpoints, and
 # `TrainingDoctor` watching for NaN losses and missing gradients. `max_time` is the config's too,
 # so a slower machine stops early instead of running on.
 
 # %%
 trainer = Trainer(
-    accelerator="cpu", precision=lm_demo["trainer"]["precision"], gradient_clip_val=1.0, max_steps=max_steps,
+    accelerator="cpu", plugins=[BF16MasterWeights()], gradient_clip_val=1.0, max_steps=max_steps,
     max_time=lm_demo["trainer"]["max_time"], val_check_interval=val_every, check_val_every_n_epoch=None,
     limit_val_batches=3 if QUICK else None,
     use_distributed_sampler=False,  # the data module shards batches per rank itself
