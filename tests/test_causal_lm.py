@@ -218,7 +218,7 @@ def test_predict_subcommand_continues_each_line_in_split_order(lm_checkpoint, sm
             "--data.init_args.vocab_size", "300", "--data.init_args.max_tokens", "600",
             "--data.init_args.max_length", "64", "--data.init_args.cache_dir", str(lm_checkpoint.parent / "cache")]
     result = cli("predict", "--config", str(ROOT / "configs/lm_demo.yaml"), "--ckpt_path", str(tmp_path / "beam.ckpt"),
-                 *data, "--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.enable_progress_bar",
+                 *data, "--trainer.plugins", "null", "--trainer.logger", "false", "--trainer.enable_progress_bar",
                  "false", "--trainer.callbacks+=lightning_transformer.callbacks.TranslationWriter",
                  f"--trainer.callbacks.output={output}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -67,6 +67,21 @@ def test_every_run_gets_the_shared_defaults(run, capsys, monkeypatch):
     assert callbacks.count("ModelCheckpoint") == 1
 
 
+@pytest.mark.parametrize("run", ["demo", "lm_demo", "multi30k_en_de"])
+def test_a_precision_beside_the_configs_precision_plugin_is_refused_in_one_line(run, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-transformer"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *(arg for name in RUNS[run] for arg in ("--config", str(ROOT / "configs" / name))),
+              "--trainer.precision", "bf16-mixed"])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith("error: trainer.precision bf16-mixed and the precision plugin BF16MasterWeights")
+    assert "--trainer.plugins null" in message
+    printed = printed_config(RUNS[run], capsys, monkeypatch, "--trainer.plugins", "null", "--trainer.precision",
+                             "bf16-mixed")
+    assert (printed["trainer"]["precision"], printed["trainer"]["plugins"]) == ("bf16-mixed", None)
+
+
 def test_every_config_file_is_part_of_a_run():
     used = {name for files in RUNS.values() for name in files}
     assert {str(p.relative_to(ROOT / "configs")) for p in (ROOT / "configs").rglob("*.yaml")} == used

@@ -11,6 +11,7 @@ from pathlib import Path
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.precision import Precision
 
 from ..checkpoint import check_checkpoint_path
 from ..modules.base import TokenLevelModule
@@ -77,6 +78,29 @@ class TransformerCLI(LightningCLI):
                 check_checkpoint_path(self.config[subcommand].get("ckpt_path"))
             except (FileNotFoundError, ValueError) as error:
                 parser.error(str(error))
+        config = self.config[subcommand] if subcommand else self.config
+        conflict = precision_conflict(config.get("trainer") or {})
+        if conflict:
+            parser.error(conflict)
+
+
+def precision_conflict(trainer) -> str | None:
+    """The refusal of a trainer config that sets its precision twice, by ``precision`` and by a plugin.
+
+    The configs that train with :class:`~lightning_transformer.BF16MasterWeights` set it in ``plugins``,
+    so ``--trainer.precision bf16-mixed`` on them would otherwise fail deep in the Trainer.
+    """
+    if trainer.get("precision") is None:
+        return None
+    for plugin in trainer.get("plugins") or []:
+        class_path = plugin.get("class_path") if isinstance(plugin, (dict, Namespace)) else plugin
+        module_name, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
+        plugin_class = getattr(importlib.import_module(module_name), name, None) if module_name else None
+        if isinstance(plugin_class, type) and issubclass(plugin_class, Precision):
+            return (f"trainer.precision {trainer.get('precision')} and the precision plugin {name} in trainer.plugins "
+                    f"both set the precision; to train in {trainer.get('precision')} add --trainer.plugins null, or "
+                    "to keep the plugin drop --trainer.precision")
+    return None
 
 
 def main(args: list[str] | None = None) -> None:
