@@ -40,7 +40,8 @@ def _smoothed_terms(z: Tensor, targets: Tensor, smoothing: float, pad: int,
     float32 (on this CPU bf16 element-wise kernels are slower than float32 ones;
     ``benchmarks/results/profile_*``), on at most two ``(N, V)`` buffers updated in place.
     """
-    off_value, vocab = smoothing / (z.size(-1) - 2), z.size(-1)
+    vocab = z.size(-1)
+    off_value = smoothing / (vocab - 2)
     if with_grad:
         # One exp pass serves loss and gradient: lse = max z - log max p, since the largest logit
         # has the largest probability, which cannot underflow.

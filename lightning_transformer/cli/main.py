@@ -63,8 +63,7 @@ class TransformerCLI(LightningCLI):
         vocab_size = ((config.get("data") or {}).get("init_args") or {}).get("vocab_size")
         if vocab_size is None:
             return
-        module_name, _, class_name = config.model.class_path.rpartition(".")
-        accepted = inspect.signature(getattr(importlib.import_module(module_name), class_name)).parameters
+        accepted = inspect.signature(_import(config.model.class_path)).parameters
         for name in self.vocab_arguments:
             if name in accepted:
                 config.model.init_args[name] = vocab_size
@@ -94,13 +93,18 @@ def precision_conflict(trainer) -> str | None:
         return None
     for plugin in trainer.get("plugins") or []:
         class_path = plugin.get("class_path") if isinstance(plugin, (dict, Namespace)) else plugin
-        module_name, _, name = class_path.rpartition(".") if isinstance(class_path, str) else ("", "", "")
-        plugin_class = getattr(importlib.import_module(module_name), name, None) if module_name else None
+        plugin_class = _import(class_path) if isinstance(class_path, str) and "." in class_path else None
         if isinstance(plugin_class, type) and issubclass(plugin_class, Precision):
+            name = plugin_class.__name__
             return (f"trainer.precision {trainer.get('precision')} and the precision plugin {name} in trainer.plugins "
                     f"both set the precision; to train in {trainer.get('precision')} add --trainer.plugins null, or "
                     "to keep the plugin drop --trainer.precision")
     return None
+
+
+def _import(class_path: str):
+    module_name, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module_name), name)
 
 
 def main(args: list[str] | None = None) -> None:
