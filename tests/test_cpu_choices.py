@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_transformer.nn import cpu_choices
-from lightning_transformer.nn.cpu_choices import cached_choice, longest_winning_length, machine_key
+from lightning_transformer.nn.cpu_choices import cached_choice, cpu_model, longest_winning_length, machine_key
 
 
 @pytest.fixture
@@ -33,6 +33,18 @@ def test_another_machine_or_thread_count_measures_again(cache_home, monkeypatch)
 def test_the_machine_key_names_the_cpu_threads_and_torch():
     key = machine_key()
     assert f"{torch.get_num_threads()} threads" in key and torch.__version__ in key
+
+
+def _cpuinfo(family: int, model: int) -> str:
+    processor = f"vendor_id\t: AuthenticAMD\ncpu family\t: {family}\nmodel\t\t: {model}\nmodel name\t: AMD EPYC\n" \
+                "stepping\t: 1\nflags\t\t: fpu avx512_bf16\n"
+    return f"processor\t: 0\n{processor}\nprocessor\t: 1\n{processor}"
+
+
+def test_processor_generations_with_one_name_get_their_own_key():
+    genoa, turin = cpu_model(_cpuinfo(25, 17)), cpu_model(_cpuinfo(26, 2))
+    assert genoa == "AMD EPYC (family 25 model 17 stepping 1)" and turin != genoa
+    assert cpu_model("model name\t: Some CPU\n") == "Some CPU" and cpu_model("") == ""
 
 
 def test_an_unwritable_cache_still_gives_the_measured_value(tmp_path, monkeypatch):

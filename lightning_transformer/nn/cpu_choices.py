@@ -36,13 +36,29 @@ def cache_path() -> Path:
 
 def machine_key() -> str:
     """The CPU model, the threads torch uses and torch's version: what the choices depend on."""
-    model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), model)
+            model = cpu_model(handle.read())
     except OSError:
-        pass
-    return f"{model} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+        model = ""
+    return f"{model or platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | " \
+           f"torch {torch.__version__}"
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The first processor's name in ``/proc/cpuinfo`` text, with its family, model and stepping.
+
+    The name alone does not tell processor generations apart: virtual machines on an AMD EPYC Genoa
+    and on a Turin both report "AMD EPYC", yet their vector units differ.
+    """
+    fields: dict[str, str] = {}
+    for line in cpuinfo.split("\n\n", 1)[0].splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    generation = " ".join(f"{label} {fields[field]}" for label, field in
+                          (("family", "cpu family"), ("model", "model"), ("stepping", "stepping")) if fields.get(field))
+    name = fields.get("model name", "")
+    return f"{name} ({generation})" if name and generation else name
 
 
 def cached_choice(name: str, measure: Callable[[], object]):
