@@ -21,7 +21,7 @@
 # (`LanguageModelDataModule`'s default), the model and `Trainer` settings are those of
 # `configs/lm_demo.yaml`, the validation perplexity is read back from `CSVLogger`, and the trained
 # model continues a few prompts at several temperatures. The full setting trains the config's
-# 1,000 steps, about three minutes on two CPU cores.
+# 1,000 steps, about four minutes on two CPU cores.
 
 # %%
 import os
