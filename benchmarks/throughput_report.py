@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_transformer.nn.cpu_choices import cpu_model
+
 NAMES = {"project": "this project (`Seq2SeqTransformer`, Lightning Trainer)",
          "guide": "guide-style baseline (`benchmarks/guide_baseline.py`)",
          "marian": "Hugging Face `MarianMTModel`"}
@@ -22,10 +24,8 @@ GOALS = (("train_tok_s", "marian", 2.0), ("train_tok_s", "guide", 3.0), ("beam4_
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} logical CPUs"
-    return platform.processor() or platform.machine()
+    model = cpu_model(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").is_file() else ""
+    return f"{model}, {os.cpu_count()} logical CPUs" if model else platform.processor() or platform.machine()
 
 
 def environment(device: str) -> dict:
