@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_transformer.nn.cpu_choices import machine_key, median_seconds
+from lightning_transformer.nn.cpu_choices import cpu_name, median_seconds
 from lightning_transformer.nn.layers import matmul_attention
 
 RESULTS = Path(__file__).parent / "results"
@@ -64,7 +64,7 @@ def main() -> None:
         f"# Attention paths: ms per call, {args.tokens} query tokens (batch = tokens / length), {args.heads} heads "
         "of 64, causal bool mask",
         "",
-        f"{datetime.date.today()} · {machine_key().split(' | ')[0]} · torch {torch.__version__} · "
+        f"{datetime.date.today()} · {cpu_name()} · torch {torch.__version__} · "
         f"{torch.get_num_threads()} threads · median of {args.repeats} · "
         f"`python benchmarks/attention_paths.py --tokens {args.tokens} --heads {args.heads} --repeats {args.repeats}`",
         "",

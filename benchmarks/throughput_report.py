@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_transformer.nn.cpu_choices import cpu_model
+from lightning_transformer.nn.cpu_choices import cpu_name
 
 NAMES = {"project": "this project (`Seq2SeqTransformer`, Lightning Trainer)",
          "guide": "guide-style baseline (`benchmarks/guide_baseline.py`)",
@@ -24,8 +24,7 @@ GOALS = (("train_tok_s", "marian", 2.0), ("train_tok_s", "guide", 3.0), ("beam4_
 def device_name(device: str) -> str:
     if device == "cuda":
         return torch.cuda.get_device_name()
-    model = cpu_model(Path("/proc/cpuinfo").read_text()) if Path("/proc/cpuinfo").is_file() else ""
-    return f"{model}, {os.cpu_count()} logical CPUs" if model else platform.processor() or platform.machine()
+    return f"{cpu_name()}, {os.cpu_count()} logical CPUs"
 
 
 def environment(device: str) -> dict:

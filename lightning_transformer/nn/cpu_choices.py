@@ -36,13 +36,17 @@ def cache_path() -> Path:
 
 def machine_key() -> str:
     """The CPU model, the threads torch uses and torch's version: what the choices depend on."""
+    return f"{cpu_name()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cpu_name() -> str:
+    """This machine's :func:`cpu_model`, or the platform's processor name where there is no ``/proc/cpuinfo``."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             model = cpu_model(handle.read())
     except OSError:
         model = ""
-    return f"{model or platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | " \
-           f"torch {torch.__version__}"
+    return model or platform.processor() or platform.machine()
 
 
 def cpu_model(cpuinfo: str) -> str:
