@@ -287,3 +287,25 @@ def test_max_length_beyond_the_models_positions_is_refused_before_training(folde
     with pytest.raises(ValueError, match="max_length=32 exceeds the model's max_len=16.*lower data.max_length"):
         trainer.fit(model, folder_module())
     assert trainer.global_step == 0
+
+
+def test_bpe_dropout_resegments_training_pairs_at_every_read_and_leaves_evaluation_alone(folder_module):
+    plain, dropped = folder_module(), folder_module(bpe_dropout=0.5)
+    for datamodule in (plain, dropped):
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    rows = list(range(len(plain.splits["train"])))
+    plain_rows = plain.train_dataloader().dataset[rows]
+    reads = [dropped.train_dataloader().dataset[rows] for _ in range(2)]
+    assert reads[0]["src_ids"] != reads[1]["src_ids"] != plain_rows["src_ids"]
+    for read in reads:
+        assert read["index"] == plain_rows["index"]
+        for column, language in (("src_ids", EN), ("tgt_ids", ES)):
+            texts = dropped.tokenizer.decode_batch(read[column])
+            assert texts == [language[i] for i in read["index"]]
+            assert all(len(ids) <= 32 for ids in read[column])
+    assert sum(map(len, reads[0]["tgt_ids"])) > sum(map(len, plain_rows["tgt_ids"]))
+    validation = [[batch["src"].tolist() for batch in module.val_dataloader()] for module in (plain, dropped)]
+    assert validation[0] == validation[1]
+    with pytest.raises(ValueError, match=r"bpe_dropout=1.0 is outside \[0, 1\)"):
+        folder_module(bpe_dropout=1.0)

@@ -118,3 +118,16 @@ def test_nfkc_normalization_is_an_option():
 def test_unknown_normalization_is_rejected():
     with pytest.raises(ValueError, match="normalization='nfc' is not supported; use 'none'.*or 'nfkc'"):
         Tokenizer.train(SENTENCES, vocab_size=300, normalization="nfc")
+
+
+def test_bpe_dropout_segments_each_encoding_anew_and_still_decodes_exactly(tokenizer):
+    sentence = "Where is the train station?"
+    plain = tokenizer.encode(sentence)
+    dropped = tokenizer.with_dropout(0.3)
+    segmentations = {tuple(dropped.encode(sentence)) for _ in range(50)}
+    assert len(segmentations) > 1
+    assert all(dropped.decode(ids) == sentence for ids in segmentations)
+    assert min(map(len, segmentations)) >= len(plain) and max(map(len, segmentations)) > len(plain)
+    assert tokenizer.encode(sentence) == plain and tokenizer.with_dropout(0.0).encode(sentence) == plain
+    with pytest.raises(ValueError, match=r"BPE-dropout must be in \[0, 1\)"):
+        tokenizer.with_dropout(1.0)

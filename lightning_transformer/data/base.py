@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .batch import SplitRows
 from .sampler import ResumableDataLoader, TokenBudgetBatchSampler
+from .subword_dropout import ResegmentedRows
 from .tokenizer import Tokenizer
 
 BATCH_SIZE = 10_000
@@ -35,7 +36,7 @@ class TokenizedDataModule(LightningDataModule):
     reads besides ``index``) and ``unit`` (what an example is called in messages), and call
     ``save_hyperparameters()``; the hyperparameters ``vocab_size``, ``max_tokens``, ``batch_size``,
     ``max_length``, ``num_workers``, ``seed``, ``tokenizer_path``, ``cache_dir``,
-    ``tokenizer_sample_size`` and ``normalization`` mean the same in every subclass. Under DDP each
+    ``tokenizer_sample_size``, ``normalization`` and ``bpe_dropout`` mean the same in every subclass. Under DDP each
     rank reads its own shard, so the Trainer needs ``use_distributed_sampler=False``.
     """
 
@@ -44,8 +45,11 @@ class TokenizedDataModule(LightningDataModule):
     unit = "examples"
 
     def __init__(self, max_tokens: int | None, batch_size: int | None, max_length: int,
-                 tokenizer_sample_size: int) -> None:
+                 tokenizer_sample_size: int, bpe_dropout: float = 0.0) -> None:
         super().__init__()
+        if not 0.0 <= bpe_dropout < 1.0:
+            raise ValueError(f"bpe_dropout={bpe_dropout} is outside [0, 1). Use 0 to turn it off, or 0.1 as in "
+                             "the BPE-dropout paper.")
         if max_tokens is None and batch_size is None:
             raise ValueError("max_tokens and batch_size are both None. Set max_tokens (e.g. 4096) or batch_size.")
         if max_tokens is not None and max_tokens < max_length:
@@ -150,9 +154,13 @@ class TokenizedDataModule(LightningDataModule):
 
     def _loader(self, split: str, sampler: TokenBudgetBatchSampler,
                 loader: Callable[..., DataLoader] = ResumableDataLoader) -> DataLoader:
+        rows = SplitRows(self.splits[split].select_columns([*self.id_columns, "index"]))
+        bpe_dropout = self.hparams.get("bpe_dropout", 0.0)
+        if split == "train" and bpe_dropout:
+            encode = partial(self.encode, tokenizer=self.tokenizer.with_dropout(bpe_dropout), drop=True)
+            rows = ResegmentedRows(rows, self._open()[1]["train"], encode, self.id_columns)
         return loader(
-            SplitRows(self.splits[split].select_columns([*self.id_columns, "index"])), sampler=sampler,
-            collate_fn=self.collate, num_workers=self.hparams.num_workers,
+            rows, sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
 

@@ -42,17 +42,19 @@ class LanguageModelDataModule(TokenizedDataModule):
             after the input's content (default: $XDG_CACHE_HOME/lightning_transformer).
         tokenizer_sample_size: most training lines to train the tokenizer on (a fixed sample).
         normalization: "none" (lossless) or "nfkc", passed to ``Tokenizer.train``.
+        bpe_dropout: probability of skipping each BPE merge when training lines are read (BPE-dropout);
+            evaluation always uses the plain segmentation.
     """
 
     def __init__(
         self, dataset: str = "default", format: str = "auto", language: str = "en", vocab_size: int = 8000,
         max_tokens: int | None = 4096, batch_size: int | None = None, max_length: int = 256, num_workers: int = 0,
         seed: int = 0, tokenizer_path: str | None = None, cache_dir: str | None = None,
-        tokenizer_sample_size: int = 1_000_000, normalization: str = "none",
+        tokenizer_sample_size: int = 1_000_000, normalization: str = "none", bpe_dropout: float = 0.0,
     ) -> None:
         if format not in FORMATS:
             raise ValueError(f"format={format!r} is not supported. Use one of {', '.join(FORMATS)}.")
-        super().__init__(max_tokens, batch_size, max_length, tokenizer_sample_size)
+        super().__init__(max_tokens, batch_size, max_length, tokenizer_sample_size, bpe_dropout)
         self.save_hyperparameters()
         self.vocab_size = vocab_size
 

@@ -119,6 +119,19 @@ class Tokenizer:
         encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
+    def with_dropout(self, p: float) -> Tokenizer:
+        """A copy that skips each BPE merge with probability ``p`` (BPE-dropout, Provilkov et al., 2020).
+
+        Each call to ``encode`` then segments a word anew, so training sees several spellings of it; the
+        text still decodes back exactly. For training only: evaluation and decoding use the plain
+        tokenizer. The random numbers are ``tokenizers``' own, which cannot be seeded.
+        """
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"BPE-dropout must be in [0, 1), got {p}; 0.1 is the paper's choice.")
+        copy = _HFTokenizer.from_str(self.to_str())
+        copy.model.dropout = p or None
+        return Tokenizer(copy)
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Turn ids back into text.
 

@@ -53,6 +53,9 @@ class TranslationDataModule(TokenizedDataModule):
         tokenizer_sample_size: most training pairs to train the tokenizer on, which bounds its time and
             memory; a larger corpus is sampled, the same pairs every time (SentencePiece's input_sentence_size).
         normalization: "none" (lossless) or "nfkc", passed to ``Tokenizer.train``; unused with tokenizer_path.
+        bpe_dropout: probability of skipping each BPE merge when training pairs are read, so every epoch
+            segments them anew (BPE-dropout; 0.1 in its paper); evaluation always uses the plain
+            segmentation. 0 reads the cached ids.
     """
 
     def __init__(
@@ -72,10 +75,11 @@ class TranslationDataModule(TokenizedDataModule):
         dataset_config: str | None = None,
         tokenizer_sample_size: int = 1_000_000,
         normalization: str = "none",
+        bpe_dropout: float = 0.0,
     ) -> None:
         if src_lang == tgt_lang:
             raise ValueError(f"src_lang and tgt_lang are both {src_lang!r}. Choose two different languages.")
-        super().__init__(max_tokens, batch_size, max_length, tokenizer_sample_size)
+        super().__init__(max_tokens, batch_size, max_length, tokenizer_sample_size, bpe_dropout)
         self.save_hyperparameters()
         self.vocab_size = vocab_size
 
