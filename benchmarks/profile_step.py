@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_transformer import Seq2SeqTransformer, tune_malloc
+from lightning_transformer.data.tokenizer import PAD_ID
 from lightning_transformer.nn.cpu_choices import machine_key
 
 RESULTS = Path(__file__).parent / "results"
@@ -129,7 +130,7 @@ def main() -> None:
     for batch in batches[3:]:
         train_step(model, optimizer, batch, autocast)
     seconds = (time.perf_counter() - start) / args.steps
-    tokens = statistics.mean(int((tgt[:, 1:] != 0).sum()) for _, tgt in batches[3:])
+    tokens = statistics.mean(int((tgt[:, 1:] != PAD_ID).sum()) for _, tgt in batches[3:])
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for batch in batches[3:]:
             train_step(model, optimizer, batch, autocast)

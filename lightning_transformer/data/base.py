@@ -58,6 +58,7 @@ class TokenizedDataModule(LightningDataModule):
         if tokenizer_sample_size < 1:
             raise ValueError(f"tokenizer_sample_size={tokenizer_sample_size} is not positive. Set it to a number of "
                              f"training {self.unit}, e.g. 1000000.")
+        self.bpe_dropout = bpe_dropout
         self.tokenizer: Tokenizer | None = None
         self.splits: dict[str, Dataset] = {}
         self._text: tuple[Path, dict[str, Dataset]] | None = None
@@ -155,9 +156,8 @@ class TokenizedDataModule(LightningDataModule):
     def _loader(self, split: str, sampler: TokenBudgetBatchSampler,
                 loader: Callable[..., DataLoader] = ResumableDataLoader) -> DataLoader:
         rows = SplitRows(self.splits[split].select_columns([*self.id_columns, "index"]))
-        bpe_dropout = self.hparams.get("bpe_dropout", 0.0)
-        if split == "train" and bpe_dropout:
-            encode = partial(self.encode, tokenizer=self.tokenizer.with_dropout(bpe_dropout), drop=True)
+        if split == "train" and self.bpe_dropout:
+            encode = partial(self.encode, tokenizer=self.tokenizer.with_dropout(self.bpe_dropout), drop=True)
             rows = ResegmentedRows(rows, self._open()[1]["train"], encode, self.id_columns)
         return loader(
             rows, sampler=sampler, collate_fn=self.collate, num_workers=self.hparams.num_workers,
