@@ -1,14 +1,15 @@
 """Where a training step's time goes: PyTorch profiler over the project's step, top operators.
 
 Runs ``Seq2SeqTransformer``'s own path (shift, masks, forward, loss, backward, Adam step) on
-synthetic batches shaped like Multi30k (64 pairs, 10-30 subwords), or with ``--data`` on the
+synthetic batches shaped like Multi30k (64 pairs by default, 10-30 subwords), or with ``--data`` on the
 throughput benchmark's real Multi30k batches, with the allocator tuned as the CLI tunes it, then
 prints the operators with the most self CPU time and writes them to
 ``<output-dir>/profile_<preset>_<precision>[_bf16_weights].md``. ``--bf16-weights`` profiles what
 ``BF16MasterWeights`` trains: a bf16 model without autocast, Adam on float32 master copies.
 
-    python benchmarks/profile_step.py [--preset small|base] [--precision bf16|fp32] [--steps 10]
+    python benchmarks/profile_step.py [--preset small|base|tiny] [--precision bf16|fp32] [--steps 10]
     python benchmarks/profile_step.py --data ../shared/data/multi30k --steps 30 --bf16-weights
+    python benchmarks/profile_step.py --preset tiny --batch-size 280 --data ../shared/data/multi30k --bf16-weights
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ RESULTS = Path(__file__).parent / "results"
 PRESETS = {
     "small": dict(d_model=256, nhead=4, num_encoder_layers=3, num_decoder_layers=3, dim_feedforward=1024),
     "base": dict(d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048),
+    # configs/multi30k_en_de_tiny.yaml's model, regularisation included
+    "tiny": dict(d_model=128, nhead=4, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=512,
+                 dropout=0.3, attention_dropout=0.1, activation_dropout=0.1),
 }
 
 
@@ -99,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--batch-size", type=int, default=64, help="sentence pairs a batch (the recipes: ~280)")
     parser.add_argument("--data", type=Path, help="Multi30k folder: profile the throughput benchmark's batches")
     parser.add_argument("--bf16-weights", action="store_true", help="bf16 model, float32 masters in Adam")
     parser.add_argument("--output-dir", type=Path, default=RESULTS)
@@ -117,11 +122,11 @@ def main() -> None:
     if args.data:
         from throughput import load_batches  # the benchmark's batches: 64 length-bucketed pairs, seed 0
 
-        loaded, _ = load_batches(args.data, 64, args.steps + 3, 64, "cpu")
+        loaded, _ = load_batches(args.data, args.batch_size, args.steps + 3, 64, "cpu")
         batches = [(batch["src"], batch["tgt"]) for batch in loaded]
     else:
         generator = torch.Generator().manual_seed(0)
-        batches = [synthetic_batch(64, args.vocab, generator) for _ in range(args.steps + 3)]
+        batches = [synthetic_batch(args.batch_size, args.vocab, generator) for _ in range(args.steps + 3)]
     bf16_autocast = args.precision == "bf16" and not args.bf16_weights
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16_autocast else nullcontext()
     for batch in batches[:3]:
@@ -136,6 +141,7 @@ def main() -> None:
             train_step(model, optimizer, batch, autocast)
     precision = "bf16, bf16 weights with float32 masters" if args.bf16_weights else args.precision
     flags = [f"--preset {args.preset}", f"--precision {args.precision}", f"--steps {args.steps}"]
+    flags += [f"--batch-size {args.batch_size}"] if args.batch_size != 64 else []
     flags += ([f"--data {args.data}"] if args.data else []) + (["--bf16-weights"] if args.bf16_weights else [])
     command = " ".join(["python benchmarks/profile_step.py", *flags])
     batches_said = "the throughput benchmark's Multi30k batches" if args.data else "synthetic Multi30k-shaped batches"
