@@ -22,6 +22,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import yaml
 from torch.profiler import ProfilerActivity, profile
 
 from lightning_transformer import Seq2SeqTransformer, tune_malloc
@@ -29,12 +30,12 @@ from lightning_transformer.data.tokenizer import PAD_ID
 from lightning_transformer.nn.cpu_choices import machine_key
 
 RESULTS = Path(__file__).parent / "results"
+TINY_CONFIG = Path(__file__).parents[1] / "configs" / "multi30k_en_de_tiny.yaml"
 PRESETS = {
     "small": dict(d_model=256, nhead=4, num_encoder_layers=3, num_decoder_layers=3, dim_feedforward=1024),
     "base": dict(d_model=512, nhead=8, num_encoder_layers=6, num_decoder_layers=6, dim_feedforward=2048),
-    # configs/multi30k_en_de_tiny.yaml's model, regularisation included
-    "tiny": dict(d_model=128, nhead=4, num_encoder_layers=4, num_decoder_layers=4, dim_feedforward=512,
-                 dropout=0.3, attention_dropout=0.1, activation_dropout=0.1),
+    # the tiny recipe's model as its config builds it, regularisation included
+    "tiny": yaml.safe_load(TINY_CONFIG.read_text())["model"]["init_args"],
 }
 
 
@@ -112,15 +113,15 @@ def main() -> None:
         parser.error("--bf16-weights trains in bf16; leave --precision at bf16.")
     tune_malloc()  # as the CLI does
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(src_vocab_size=args.vocab, tgt_vocab_size=args.vocab, share_embeddings=True,
-                               **PRESETS[args.preset]).train()
+    model = Seq2SeqTransformer(src_vocab_size=args.vocab, tgt_vocab_size=args.vocab,
+                               **{"share_embeddings": True, **PRESETS[args.preset]}).train()
     adam = dict(lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
     if args.bf16_weights:
         optimizer = FloatMasters(model.to(torch.bfloat16), **adam)
     else:
         optimizer = torch.optim.Adam(model.parameters(), **adam)
     if args.data:
-        from throughput import load_batches  # the benchmark's batches: 64 length-bucketed pairs, seed 0
+        from throughput import load_batches  # the benchmark's batches: length-bucketed pairs, seed 0
 
         loaded, _ = load_batches(args.data, args.batch_size, args.steps + 3, 64, "cpu")
         batches = [(batch["src"], batch["tgt"]) for batch in loaded]
@@ -140,8 +141,8 @@ def main() -> None:
         for batch in batches[3:]:
             train_step(model, optimizer, batch, autocast)
     precision = "bf16, bf16 weights with float32 masters" if args.bf16_weights else args.precision
-    flags = [f"--preset {args.preset}", f"--precision {args.precision}", f"--steps {args.steps}"]
-    flags += [f"--batch-size {args.batch_size}"] if args.batch_size != 64 else []
+    flags = [f"--preset {args.preset}", f"--precision {args.precision}", f"--steps {args.steps}",
+             f"--batch-size {args.batch_size}"]
     flags += ([f"--data {args.data}"] if args.data else []) + (["--bf16-weights"] if args.bf16_weights else [])
     command = " ".join(["python benchmarks/profile_step.py", *flags])
     batches_said = "the throughput benchmark's Multi30k batches" if args.data else "synthetic Multi30k-shaped batches"
