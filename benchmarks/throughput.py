@@ -183,7 +183,8 @@ def make_trainer(precision: str, device: str, steps: int, callback: Callback, ma
     master = master and precision == "bf16"
     return Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1,
-        precision=None if master else TRAINER_PRECISION[precision], plugins=[BF16MasterWeights()] if master else None,
+        precision=None if master else TRAINER_PRECISION[precision],
+        plugins=[BF16MasterWeights(fall_back_to_float32=False)] if master else None,
         max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=[callback],
     )

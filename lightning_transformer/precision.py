@@ -8,8 +8,11 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from .nn.cpu_choices import bf16_pays, cpu_name
 
 
 class BF16MasterWeights(HalfPrecision):
@@ -30,10 +33,16 @@ class BF16MasterWeights(HalfPrecision):
     on one device or under DDP (FSDP has its own mixed-precision policies). Callbacks see the model's bf16
     gradients of the last micro-batch in ``on_before_optimizer_step``. Outside ``fit`` it runs the model in
     bf16 as ``bf16-true`` does.
+
+    Where bf16 is slower than float32 (a CPU that emulates bf16 matmuls, having neither AVX512-BF16
+    nor AMX, or a GPU older than Ampere), it trains in float32 instead and warns, unless
+    ``fall_back_to_float32`` is false. The choice is measured once per machine
+    (:func:`~lightning_transformer.nn.cpu_choices.bf16_pays`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, fall_back_to_float32: bool = True) -> None:
         super().__init__("bf16-true")
+        self.fall_back_to_float32 = fall_back_to_float32
         self._fp32: dict[int, Tensor] = {}
         self._pairs: list[tuple[nn.Parameter, Tensor]] = []
         self._names: dict[str, Tensor] = {}
@@ -41,6 +50,13 @@ class BF16MasterWeights(HalfPrecision):
         self._hook = None
 
     def convert_module(self, module: nn.Module) -> nn.Module:
+        device = module.trainer.strategy.root_device if isinstance(module, LightningModule) else torch.device("cpu")
+        if self.fall_back_to_float32 and not bf16_is_faster(device):
+            rank_zero_warn(f"BF16MasterWeights: bf16 is slower than float32 on this {_device_name(device)}, so "
+                           "this run trains in float32; pass fall_back_to_float32=False to the plugin to use bf16 "
+                           "anyway.")
+            self.precision, self._desired_input_dtype = "32-true", torch.float32
+            return module
         # Kept before the cast so that masters start from the exact float32 weights.
         self._fp32 = {id(p): p.detach().float().clone() for p in module.parameters() if p.is_floating_point()}
         module = super().convert_module(module)
@@ -50,6 +66,8 @@ class BF16MasterWeights(HalfPrecision):
         return module
 
     def connect(self, model: nn.Module, optimizers: list, lr_schedulers: list) -> tuple[nn.Module, list, list]:
+        if self._desired_input_dtype != torch.bfloat16:  # fell back to float32: no masters to keep
+            return super().connect(model, optimizers, lr_schedulers)
         masters: dict[int, Tensor] = {}
         for optimizer in optimizers:
             if optimizer.state:
@@ -114,3 +132,17 @@ class BF16MasterWeights(HalfPrecision):
                     param.copy_(master)
         self._pairs, self._names, self._module, self._hook = [], {}, None, None
         super().teardown()
+
+
+def bf16_is_faster(device: torch.device) -> bool:
+    """Whether training in bf16 beats float32 on ``device``: measured once per CPU
+    (:func:`~lightning_transformer.nn.cpu_choices.bf16_pays`); on a GPU, whether it has bf16 tensor cores."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type != "cpu" or bf16_pays()
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"GPU ({torch.cuda.get_device_name(device)})"
+    return f"CPU ({cpu_name()})" if device.type == "cpu" else device.type

@@ -139,7 +139,7 @@ def main() -> None:
     trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                       max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False,
                       callbacks=[barriers, record],
-                      plugins=[BF16MasterWeights()] if args.master_weights else None,
+                      plugins=[BF16MasterWeights(fall_back_to_float32=False)] if args.master_weights else None,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, UnevenPairs(args.model))
     if trainer.is_global_zero:

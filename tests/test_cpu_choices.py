@@ -69,9 +69,10 @@ def test_measurements_leave_the_random_state_and_grad_mode_alone():
         modes = ("train", "forward", "step")
         longest = [cpu_choices.measure_attention(16, torch.bfloat16, mode, tokens=64) for mode in modes]
         cheap = cpu_choices.measure_cheap_dropout((64, 64))
+        bf16 = cpu_choices.measure_bf16_matmuls(tokens=64, width=32)
         assert not torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
     assert torch.equal(torch.get_rng_state(), state)
-    assert set(longest) <= {0, *cpu_choices.ATTENTION_LENGTHS} and isinstance(cheap, bool)
+    assert set(longest) <= {0, *cpu_choices.ATTENTION_LENGTHS} and isinstance(cheap, bool) and isinstance(bf16, bool)
 
 
 def test_a_race_times_the_two_in_turn_and_picks_the_faster():

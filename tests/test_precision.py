@@ -1,10 +1,18 @@
+import warnings
+
 import pytest
 import torch
 from conftest import fit_small
 from lightning.pytorch import Callback
 
+from lightning_transformer import precision as plugin_module
 from lightning_transformer.checkpoint import load_checkpoint
 from lightning_transformer.precision import BF16MasterWeights
+
+
+def bf16_master_weights():
+    """The plugin in bf16 whatever this CPU's bf16 speed, so its mechanics are tested everywhere."""
+    return BF16MasterWeights(fall_back_to_float32=False)
 
 
 class Record(Callback):
@@ -20,7 +28,7 @@ def fit(corpus, root, precision=None, max_steps=40, accumulate=1, **kwargs):
     record = Record()
     master = precision == "master"
     model, _ = fit_small(corpus, root, max_steps, record, gradient_clip_val=1.0, accumulate_grad_batches=accumulate,
-                         precision=None if master else precision, plugins=[BF16MasterWeights()] if master else None,
+                         precision=None if master else precision, plugins=[bf16_master_weights()] if master else None,
                          **kwargs)
     return model, record
 
@@ -46,7 +54,8 @@ def test_updates_below_bf16_resolution_accumulate_in_the_masters(small_corpus, t
         master = precision == "master"
         model, _ = fit_small(small_corpus, tmp_path / precision, 10, Snapshot(),
                              model_args={"dropout": 0.0, "lr": 1e-5, "warmup_steps": 1},
-                             precision=None if master else precision, plugins=[BF16MasterWeights()] if master else None)
+                             precision=None if master else precision,
+                             plugins=[bf16_master_weights()] if master else None)
         name = "transformer.encoder_layers.0.feed_forward.linear1.weight"
         return (model.state_dict()[name].float() != initial[name]).float().mean().item()
 
@@ -87,7 +96,7 @@ def test_accumulated_micro_batches_sum_their_gradients_in_float32(small_corpus, 
                 stepped.append([p.grad.clone() for p in params])
 
     fit_small(small_corpus, tmp_path / "run", 3, Grads(), model_args={"dropout": 0.0}, accumulate_grad_batches=3,
-              plugins=[BF16MasterWeights()])
+              plugins=[bf16_master_weights()])
     assert len(seen) == len(stepped) == 3
     for (masters, summed), normalised in zip(seen, stepped):
         assert all(m.dtype == torch.float32 for m in masters)
@@ -96,3 +105,28 @@ def test_accumulated_micro_batches_sum_their_gradients_in_float32(small_corpus, 
         tokens = torch.cat([s.flatten() for s in summed]).norm() / torch.cat([n.flatten() for n in normalised]).norm()
         assert tokens > 100 and abs(tokens - tokens.round()) < 1e-2
         assert all(torch.allclose(n * tokens.round(), s, rtol=1e-5, atol=1e-6) for n, s in zip(normalised, summed))
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_it_trains_in_float32_and_says_so_where_bf16_is_slower(small_corpus, tmp_path, monkeypatch, faster):
+    monkeypatch.setattr(plugin_module, "bf16_is_faster", lambda device: faster)
+    record = Record()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = fit_small(small_corpus, tmp_path / "auto", 8, record, plugins=[BF16MasterWeights()])
+    said = [str(w.message) for w in caught if "trains in float32" in str(w.message)]
+    assert record.dtypes == ({torch.bfloat16} if faster else {torch.float32})
+    assert len(said) == (0 if faster else 1) and (faster or "fall_back_to_float32=False" in said[0])
+    if not faster:  # exactly the float32 run: no bf16 casts, no master copies
+        plain = Record()
+        fit_small(small_corpus, tmp_path / "plain", 8, plain)
+        assert record.losses == plain.losses
+
+
+def test_bf16_counts_as_faster_on_cpus_that_measure_so_and_on_gpus_with_bf16_tensor_cores(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kwargs: asked.append(kwargs) or False)
+    assert not plugin_module.bf16_is_faster(torch.device("cuda", 0)) and asked == [{"including_emulation": False}]
+    for measured in (True, False):
+        monkeypatch.setattr(plugin_module, "bf16_pays", lambda: measured)
+        assert plugin_module.bf16_is_faster(torch.device("cpu")) is measured

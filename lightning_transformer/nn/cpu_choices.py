@@ -1,8 +1,10 @@
 """Speed choices that depend on the processor: timed once on the running machine, then cached.
 
-Which attention kernel wins (in training, in inference forward passes, in decoding steps), and
-whether drawing dropout masks 16 bits at a time pays, differ between CPUs (an AMX Xeon and an
-AVX512-BF16 EPYC disagree; see ``benchmarks/results/attention_paths*.md``). So neither is a
+Which attention kernel wins (in training, in inference forward passes, in decoding steps), whether
+drawing dropout masks 16 bits at a time pays, and whether bf16 is faster than float32 at all differ
+between CPUs (an AMX Xeon and an AVX512-BF16 EPYC disagree on the kernels, see
+``benchmarks/results/attention_paths*.md``; a Xeon without either emulates bf16 matmuls at a
+quarter of its float32 rate). So none is a
 constant: each is measured the first time a process needs it and stored in
 ``$XDG_CACHE_HOME/lightning_transformer/cpu_choices.json`` under the CPU model, thread count and
 torch version, for every later run on the same machine. A measurement takes about a second, uses
@@ -167,6 +169,22 @@ def measure_cheap_dropout(shape: tuple[int, int] = (4096, 512)) -> bool:
     return beats(lambda: sixteen_bit_dropout(x, 0.1).sum().backward(), lambda: F.dropout(x, 0.1, True).sum().backward())
 
 
+@isolated
+def measure_bf16_matmuls(tokens: int = 1024, width: int = 256) -> bool:
+    """Whether a feed-forward block (``width`` to ``4 * width`` and back, ReLU between), forward +
+    backward over ``tokens`` rows, runs faster in bf16 than in float32: true where the CPU multiplies
+    bf16 natively (AVX512-BF16, AMX), false where oneDNN emulates it."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, width, generator=generator)
+    w1, w2 = torch.randn(width, 4 * width, generator=generator), torch.randn(4 * width, width, generator=generator)
+
+    def block(dtype: torch.dtype):
+        inputs = [t.to(dtype).requires_grad_() for t in (x, w1, w2)]
+        return lambda: (torch.relu(inputs[0] @ inputs[1]) @ inputs[2]).sum().backward()
+
+    return beats(block(torch.bfloat16), block(torch.float32))
+
+
 # The choices this process has read or measured. Not functools.cache: torch.compile would trace
 # through its wrapper into the cache file's reading, and break the graph at every attention and
 # dropout call; with assume_constant_result it takes each choice as a constant.
@@ -191,3 +209,9 @@ def matmul_attention_max_keys(mode: str, head_dim: int, dtype: torch.dtype) -> i
 def cheap_dropout_pays() -> bool:
     """Whether :class:`~.layers.Dropout` should draw 16-bit masks on this CPU."""
     return bool(_once("cheap_dropout", measure_cheap_dropout))
+
+
+
+def bf16_pays() -> bool:
+    """Whether training in bf16 is faster than in float32 on this CPU (see :func:`measure_bf16_matmuls`)."""
+    return bool(_once("bf16_matmuls_faster", measure_bf16_matmuls))
