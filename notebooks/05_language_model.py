@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -21,7 +21,7 @@
 # (`LanguageModelDataModule`'s default), the model and `Trainer` settings are those of
 # `configs/lm_demo.yaml`, the validation perplexity is read back from `CSVLogger`, and the trained
 # model continues a few prompts at several temperatures. The full setting trains the config's
-# 1,000 steps, about four minutes on two CPU cores.
+# 600 steps, about four minutes on two CPU cores.
 
 # %%
 import os
@@ -115,12 +115,12 @@ for b in rows:
 # %% [markdown]
 # ## Model and Trainer
 #
-# Three decoder layers of width 256 (post-norm, as in the paper) with tied input and output
-# embeddings, the config's cosine schedule with a 100-step warm-up, and the same `Trainer` flags
-# as the translation demo: bf16 weights with float32 master weights (`plugins=[BF16MasterWeights()]`),
-# `gradient_clip_val=1.0`, checkpoints, and
-# `TrainingDoctor` watching for NaN losses and missing gradients. `max_time` is the config's too,
-# so a slower machine stops early instead of running on.
+# Two decoder layers of width 256 (post-norm, as in the paper) with tied input and output embeddings,
+# the config's cosine schedule with a 100-step warm-up, and the same `Trainer` flags as the
+# translation demo: bf16 weights with float32 master weights (`plugins=[BF16MasterWeights()]`, float32
+# on a CPU that only emulates bf16), `gradient_clip_val=1.0`, checkpoints, and `TrainingDoctor`
+# watching for NaN losses and missing gradients. `max_time` is the config's too, so a slower machine
+# stops early instead of running on.
 
 # %%
 trainer = Trainer(
