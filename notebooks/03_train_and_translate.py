@@ -141,8 +141,8 @@ print(val_rows[[c for c in ("step", "val/loss", "val/nll", "val/ppl", "val/bleu"
 # Greedy decoding takes the most likely token at every step. Beam search keeps the 4 best
 # prefixes, finishes those that emit `</s>`, and ranks the finished ones by log-probability
 # divided by a length penalty (GNMT's `((5 + L) / 6)^α`, α = 0.6 as in the paper), because a
-# plain sum of log-probabilities favours short outputs. After 500 CPU steps (validation BLEU
-# about 18) the translations are rough, and beam search can repeat a word; longer
+# plain sum of log-probabilities favours short outputs. After 400 CPU steps (validation BLEU
+# about 16) the translations are rough, and beam search can repeat a word; longer
 # training removes that (`configs/multi30k_en_de.yaml` reaches 39 BLEU in an hour on two cores).
 
 # %%
