@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.plugins.precision import HalfPrecision
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import Metric
@@ -50,8 +51,9 @@ class BF16MasterWeights(HalfPrecision):
         self._hook = None
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        device = module.trainer.strategy.root_device if isinstance(module, LightningModule) else torch.device("cpu")
-        if self.fall_back_to_float32 and not bf16_is_faster(device):
+        strategy = module.trainer.strategy if isinstance(module, LightningModule) else None
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        if self.fall_back_to_float32 and not bf16_is_faster(device, strategy):
             rank_zero_warn(f"BF16MasterWeights: bf16 is slower than float32 on this {_device_name(device)}, so "
                            "this run trains in float32; pass fall_back_to_float32=False to the plugin to use bf16 "
                            "anyway.")
@@ -134,12 +136,15 @@ class BF16MasterWeights(HalfPrecision):
         super().teardown()
 
 
-def bf16_is_faster(device: torch.device) -> bool:
+def bf16_is_faster(device: torch.device, strategy: Strategy | None = None) -> bool:
     """Whether training in bf16 beats float32 on ``device``: measured once per CPU
-    (:func:`~lightning_transformer.nn.cpu_choices.bf16_pays`); on a GPU, whether it has bf16 tensor cores."""
+    (:func:`~lightning_transformer.nn.cpu_choices.bf16_pays`); on a GPU, whether it has bf16 tensor cores.
+    Under a multi-process ``strategy`` every rank takes rank 0's answer, so that no two train in different dtypes."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return device.type != "cpu" or bf16_pays()
+        faster = torch.cuda.is_bf16_supported(including_emulation=False)
+    else:
+        faster = device.type != "cpu" or bf16_pays()
+    return faster if strategy is None else strategy.broadcast(faster, src=0)
 
 
 def _device_name(device: torch.device) -> str:

@@ -8,13 +8,14 @@ rank by re-running ``sys.argv``.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_transformer import BF16MasterWeights, CausalLMTransformer, Seq2SeqTransformer
+from lightning_transformer import BF16MasterWeights, CausalLMTransformer, Seq2SeqTransformer, precision
 
 # Adam's eps sits well above the float32 noise in the key biases' gradients (zero in exact arithmetic:
 # softmax ignores a bias shared by all keys), which a 1e-9 eps would turn into lr-sized steps.
@@ -125,11 +126,18 @@ def main() -> None:
     parser.add_argument("--model", choices=tuple(MODELS), default="seq2seq")
     parser.add_argument("--per-rank-mean", action="store_true", help="train PerRankMean instead")
     parser.add_argument("--master-weights", action="store_true", help="in bf16 through BF16MasterWeights")
+    parser.add_argument("--bf16-faster-by-rank", help="BF16MasterWeights() as configs use it, each rank's "
+                        "measurement of bf16's speed given, e.g. `no,yes`")
     parser.add_argument("--init", required=True, help="state dict both runs start from")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
 
     torch.use_deterministic_algorithms(True)
+    plugins = [BF16MasterWeights(fall_back_to_float32=False)] if args.master_weights else None
+    if args.bf16_faster_by_rank:
+        measured = args.bf16_faster_by_rank.split(",")[int(os.environ.get("LOCAL_RANK", 0))] == "yes"
+        precision.bf16_pays = lambda: measured
+        plugins = [BF16MasterWeights()]
     model_class, config = MODELS[args.model]
     if args.per_rank_mean:
         model_class = type("PerRankMean", (PerRankMean, model_class), {})
@@ -139,7 +147,7 @@ def main() -> None:
     trainer = Trainer(accelerator="cpu", devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
                       max_steps=STEPS, gradient_clip_val=1.0, use_distributed_sampler=False,
                       callbacks=[barriers, record],
-                      plugins=[BF16MasterWeights(fall_back_to_float32=False)] if args.master_weights else None,
+                      plugins=plugins,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, UnevenPairs(args.model))
     if trainer.is_global_zero:

@@ -105,6 +105,14 @@ def test_averaging_per_rank_means_would_miss_by_far_more_than_the_tolerance(runs
     assert max_parameter_difference(per_rank_mean["state_dict"], one["state_dict"]) > 0.01
 
 
+def test_ranks_that_timed_bf16_differently_all_take_rank_zeros_precision(tmp_path):
+    torch.manual_seed(0)
+    torch.save(Seq2SeqTransformer(**MODELS["seq2seq"][1]).state_dict(), tmp_path / "init.pt")
+    plain = train(tmp_path, "plain", "--devices", "2")
+    split = train(tmp_path, "split", "--devices", "2", "--bf16-faster-by-rank", "no,yes")
+    assert split["losses"] == plain["losses"]  # both ranks trained in float32, as rank 0 measured
+
+
 def test_bf16_master_weights_under_ddp_follow_one_process(tmp_path):
     torch.manual_seed(0)
     initial = Seq2SeqTransformer(**MODELS["seq2seq"][1]).state_dict()

@@ -109,7 +109,7 @@ def test_accumulated_micro_batches_sum_their_gradients_in_float32(small_corpus, 
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_it_trains_in_float32_and_says_so_where_bf16_is_slower(small_corpus, tmp_path, monkeypatch, faster):
-    monkeypatch.setattr(plugin_module, "bf16_is_faster", lambda device: faster)
+    monkeypatch.setattr(plugin_module, "bf16_is_faster", lambda device, strategy=None: faster)
     record = Record()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -130,3 +130,14 @@ def test_bf16_counts_as_faster_on_cpus_that_measure_so_and_on_gpus_with_bf16_ten
     for measured in (True, False):
         monkeypatch.setattr(plugin_module, "bf16_pays", lambda: measured)
         assert plugin_module.bf16_is_faster(torch.device("cpu")) is measured
+
+
+def test_every_rank_takes_rank_zeros_answer(monkeypatch):
+    monkeypatch.setattr(plugin_module, "bf16_pays", lambda: True)  # this rank measured bf16 faster
+
+    class RankZeroMeasuredSlower:
+        def broadcast(self, obj, src=0):
+            assert src == 0 and obj is True
+            return False
+
+    assert plugin_module.bf16_is_faster(torch.device("cpu"), RankZeroMeasuredSlower()) is False

@@ -211,7 +211,6 @@ def cheap_dropout_pays() -> bool:
     return bool(_once("cheap_dropout", measure_cheap_dropout))
 
 
-
 def bf16_pays() -> bool:
     """Whether training in bf16 is faster than in float32 on this CPU (see :func:`measure_bf16_matmuls`)."""
     return bool(_once("bf16_matmuls_faster", measure_bf16_matmuls))
