@@ -184,7 +184,11 @@ def test_export_then_translate_the_folder_from_the_command_line(exported, tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     result = run_cli("lightning_transformer.cli", "translate", str(folder), "--input", str(source))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.splitlines() == translate(model, tokenizer, sentences[:12])
+    printed = result.stdout.splitlines()
+    assert printed == CT2Translator(folder).translate(sentences[:12])  # the folder's own engine, in process
+    # The PyTorch model agrees but for near-ties that the two engines' kernels break apart (see the test above):
+    # 12/12 on the EPYCs, 11/12 on an Ice Lake Xeon.
+    assert sum(a == b for a, b in zip(printed, translate(model, tokenizer, sentences[:12]))) >= 11
     # A refusal is a SystemExit whose message Python prints as is: one line, exit status 1, no traceback.
     with pytest.raises(SystemExit, match=f"^error: {re.escape(str(folder))} exists and is not an empty"):
         export_main([str(checkpoint), "--format", "ct2", "--output", str(folder)])

@@ -226,7 +226,9 @@ def test_projected_loss_without_grad_only_projects(mode):
         loss, nll = ProjectedLabelSmoothingLoss(11, 0.1)(states, weight, targets, return_nll=True)
     assert ops.matmuls() == [(int((targets != 0).sum()), 11)]  # the projection of non-pad rows, no gradient product
     with_grad = ProjectedLabelSmoothingLoss(11, 0.1)(states, weight, targets, return_nll=True)
-    assert loss.item() == with_grad[0].item() and nll.item() == with_grad[1].item()
+    # The same values as with gradients, to float32 rounding (the two paths reduce in different orders on some CPUs).
+    assert loss.item() == pytest.approx(with_grad[0].item(), rel=1e-6)
+    assert nll.item() == pytest.approx(with_grad[1].item(), rel=1e-6)
     logits = states.double() @ weight.double().T
     assert loss.item() == pytest.approx(explicit_smoothed_loss(logits, targets, 0.1).item(), rel=1e-6)
     assert nll.item() == pytest.approx(compute_loss(logits, targets).item(), rel=1e-6)
