@@ -53,12 +53,14 @@ class BF16MasterWeights(HalfPrecision):
     def convert_module(self, module: nn.Module) -> nn.Module:
         strategy = module.trainer.strategy if isinstance(module, LightningModule) else None
         device = strategy.root_device if strategy is not None else torch.device("cpu")
-        if self.fall_back_to_float32 and not bf16_is_faster(device, strategy):
+        bf16 = not self.fall_back_to_float32 or bf16_is_faster(device, strategy)
+        self.precision = "bf16-true" if bf16 else "32-true"
+        self._desired_input_dtype = torch.bfloat16 if bf16 else torch.float32
+        if not bf16:  # the cast below also undoes a bf16 `trainer.init_module()`
             rank_zero_warn(f"BF16MasterWeights: bf16 is slower than float32 on this {_device_name(device)}, so "
                            "this run trains in float32; pass fall_back_to_float32=False to the plugin to use bf16 "
                            "anyway.")
-            self.precision, self._desired_input_dtype = "32-true", torch.float32
-            return module
+            return super().convert_module(module)
         # Kept before the cast so that masters start from the exact float32 weights.
         self._fp32 = {id(p): p.detach().float().clone() for p in module.parameters() if p.is_floating_point()}
         module = super().convert_module(module)

@@ -3,9 +3,8 @@
 Which attention kernel wins (in training, in inference forward passes, in decoding steps), whether
 drawing dropout masks 16 bits at a time pays, and whether bf16 is faster than float32 at all differ
 between CPUs (an AMX Xeon and an AVX512-BF16 EPYC disagree on the kernels, see
-``benchmarks/results/attention_paths*.md``; a Xeon without either emulates bf16 matmuls at a
-quarter of its float32 rate). So none is a
-constant: each is measured the first time a process needs it and stored in
+``benchmarks/results/attention_paths*.md``; a Xeon without either emulates bf16 matmuls at a quarter
+of its float32 rate). So none is a constant: each is measured the first time a process needs it and stored in
 ``$XDG_CACHE_HOME/lightning_transformer/cpu_choices.json`` under the CPU model, thread count and
 torch version, for every later run on the same machine. A measurement takes about a second, uses
 its own random numbers, and changes no global state. Delete the file, or edit a value in it, to
