@@ -2,7 +2,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import fit_small
+from conftest import TINY_MODEL, fit_small, small_data_module
 from lightning.pytorch import Callback
 
 from lightning_transformer import precision as plugin_module
@@ -121,6 +121,26 @@ def test_it_trains_in_float32_and_says_so_where_bf16_is_slower(small_corpus, tmp
         plain = Record()
         fit_small(small_corpus, tmp_path / "plain", 8, plain)
         assert record.losses == plain.losses
+
+
+def test_a_model_made_in_bf16_by_init_module_trains_in_float32_where_bf16_is_slower(small_corpus, tmp_path,
+                                                                                      monkeypatch):
+    from lightning.pytorch import Trainer
+
+    from lightning_transformer import Seq2SeqTransformer
+
+    monkeypatch.setattr(plugin_module, "bf16_is_faster", lambda device, strategy=None: False)
+    data = small_data_module(small_corpus, tmp_path / "cache")
+    record = Record()
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=4, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+                      plugins=[BF16MasterWeights()], callbacks=[record])
+    with trainer.init_module():
+        model = Seq2SeqTransformer(src_vocab_size=data.vocab_size, tgt_vocab_size=data.vocab_size, **TINY_MODEL)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with pytest.warns(UserWarning, match="trains in float32"):
+        trainer.fit(model, data)
+    assert record.dtypes == {torch.float32} and len(record.losses) == 4
 
 
 def test_bf16_counts_as_faster_on_cpus_that_measure_so_and_on_gpus_with_bf16_tensor_cores(monkeypatch):
