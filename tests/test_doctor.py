@@ -180,3 +180,21 @@ def test_mask_probe_can_be_disabled():
 def test_invalid_thresholds_are_refused():
     with pytest.raises(ValueError, match="explode_factor > 1"):
         TrainingDoctor(explode_factor=0.5)
+
+
+@pytest.mark.parametrize(("precision", "bf16_pays", "warned"),
+                         [("bf16-mixed", False, True), ("bf16-true", False, True), ("bf16-mixed", True, False),
+                          ("32-true", False, False), ("master weights in bf16", False, False)])
+def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch, precision, bf16_pays, warned):
+    from lightning_transformer.callbacks import doctor as doctor_module
+    from lightning_transformer.precision import BF16MasterWeights
+
+    monkeypatch.setattr(doctor_module, "bf16_pays", lambda: bf16_pays)
+    # An explicit bf16 request of the plugin is left alone: it measured, and was told to use bf16 anyway.
+    plugin = precision == "master weights in bf16"
+    kwargs = {"plugins": [BF16MasterWeights(fall_back_to_float32=False)]} if plugin else {"precision": precision}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Seq2SeqTransformer(**TINY, **SHORT), max_steps=2, **kwargs)
+    said = [str(w.message) for w in caught if w.category is TrainingWarning and "emulates" in str(w.message)]
+    assert len(said) == warned and (not warned or "32-true" in said[0] and "BF16MasterWeights" in said[0])

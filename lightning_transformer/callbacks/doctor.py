@@ -4,7 +4,8 @@ It raises :class:`TrainingProblem` (or :class:`TrainingDiverged`) for faults tha
 pointless — a non-finite loss, parameters that get no gradient, a zero or non-finite learning rate,
 masks that let the decoder see the future or the encoder see padding — and warns with
 :class:`TrainingWarning` for signs that may be intended: a loss rising in the first steps, a loss
-stuck at its initial value, a very large learning rate. Every message names the problem and a fix.
+stuck at its initial value, a very large learning rate, bf16 asked of a CPU that emulates it. Every
+message names the problem and a fix.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+
+from ..nn.cpu_choices import bf16_pays, cpu_name
+from ..precision import BF16MasterWeights
 
 if TYPE_CHECKING:
     from ..modules.seq2seq import Seq2SeqTransformer
@@ -77,6 +81,16 @@ class TrainingDoctor(Callback):
         self._watch_trend = self._checked_grads = self._checked_masks = self._checked_stuck = False
         self._lr_steps, self._lr_was_positive = 0, False
         self._warned: set[str] = set()
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (trainer.precision in ("bf16-mixed", "bf16-true") and trainer.strategy.root_device.type == "cpu"
+                and not isinstance(trainer.precision_plugin, BF16MasterWeights) and not bf16_pays()):
+            self._warn_once("bf16", (
+                f"trainer.precision is {trainer.precision}, but bf16 matmuls run slower than float32 on this CPU "
+                f"({cpu_name()}), which has neither AVX512-BF16 nor AMX and emulates them. Train in float32 "
+                "(trainer.precision: 32-true), or use trainer.plugins: [lightning_transformer.BF16MasterWeights], "
+                "which trains in bf16 only where it measured bf16 faster."
+            ))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A resumed run's first losses are no "initial" loss: the trend checks would misfire.
