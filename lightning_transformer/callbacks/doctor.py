@@ -86,8 +86,8 @@ class TrainingDoctor(Callback):
         if (trainer.precision in ("bf16-mixed", "bf16-true") and trainer.strategy.root_device.type == "cpu"
                 and not isinstance(trainer.precision_plugin, BF16MasterWeights) and not bf16_pays()):
             self._warn_once("bf16", (
-                f"trainer.precision is {trainer.precision}, but bf16 matmuls run slower than float32 on this CPU "
-                f"({cpu_name()}), which has neither AVX512-BF16 nor AMX and emulates them. Train in float32 "
+                f"trainer.precision is {trainer.precision}, but bf16 matmuls measured slower than float32 on this "
+                f"CPU ({cpu_name()}; one without AVX512-BF16 or AMX emulates them). Train in float32 "
                 "(trainer.precision: 32-true), or use trainer.plugins: [lightning_transformer.BF16MasterWeights], "
                 "which trains in bf16 only where it measured bf16 faster."
             ))
