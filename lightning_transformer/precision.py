@@ -57,7 +57,7 @@ class BF16MasterWeights(HalfPrecision):
         self.precision = "bf16-true" if bf16 else "32-true"
         self._desired_input_dtype = torch.bfloat16 if bf16 else torch.float32
         if not bf16:  # the cast below also undoes a bf16 `trainer.init_module()`
-            rank_zero_warn(f"BF16MasterWeights: bf16 is slower than float32 on this {_device_name(device)}, so "
+            rank_zero_warn(f"BF16MasterWeights: bf16 is slower than float32 on this {device_name(device)}, so "
                            "this run trains in float32; pass fall_back_to_float32=False to the plugin to use bf16 "
                            "anyway.")
             return super().convert_module(module)
@@ -149,7 +149,8 @@ def bf16_is_faster(device: torch.device, strategy: Strategy | None = None) -> bo
     return faster if strategy is None else strategy.broadcast(faster, src=0)
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """``device`` as a warning names it: "GPU (its name)", "CPU (its model)"."""
     if device.type == "cuda":
         return f"GPU ({torch.cuda.get_device_name(device)})"
     return f"CPU ({cpu_name()})" if device.type == "cpu" else device.type

@@ -186,10 +186,10 @@ def test_invalid_thresholds_are_refused():
                          [("bf16-mixed", False, True), ("bf16-true", False, True), ("bf16-mixed", True, False),
                           ("32-true", False, False), ("master weights in bf16", False, False)])
 def test_bf16_on_a_cpu_that_emulates_it_warns(monkeypatch, precision, bf16_pays, warned):
-    from lightning_transformer.callbacks import doctor as doctor_module
+    from lightning_transformer import precision as plugin_module
     from lightning_transformer.precision import BF16MasterWeights
 
-    monkeypatch.setattr(doctor_module, "bf16_pays", lambda: bf16_pays)
+    monkeypatch.setattr(plugin_module, "bf16_pays", lambda: bf16_pays)  # this CPU's cached measurement
     # An explicit bf16 request of the plugin is left alone: it measured, and was told to use bf16 anyway.
     plugin = precision == "master weights in bf16"
     kwargs = {"plugins": [BF16MasterWeights(fall_back_to_float32=False)]} if plugin else {"precision": precision}

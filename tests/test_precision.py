@@ -161,3 +161,10 @@ def test_every_rank_takes_rank_zeros_answer(monkeypatch):
             return False
 
     assert plugin_module.bf16_is_faster(torch.device("cpu"), RankZeroMeasuredSlower()) is False
+
+
+def test_warnings_name_the_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Tesla V100")
+    monkeypatch.setattr(plugin_module, "cpu_name", lambda: "AMD EPYC")
+    assert plugin_module.device_name(torch.device("cuda", 0)) == "GPU (Tesla V100)"
+    assert plugin_module.device_name(torch.device("cpu")) == "CPU (AMD EPYC)"

@@ -4,7 +4,7 @@ It raises :class:`TrainingProblem` (or :class:`TrainingDiverged`) for faults tha
 pointless — a non-finite loss, parameters that get no gradient, a zero or non-finite learning rate,
 masks that let the decoder see the future or the encoder see padding — and warns with
 :class:`TrainingWarning` for signs that may be intended: a loss rising in the first steps, a loss
-stuck at its initial value, a very large learning rate, bf16 asked of a CPU that emulates it. Every
+stuck at its initial value, a very large learning rate, bf16 asked of a device that emulates it. Every
 message names the problem and a fix.
 """
 
@@ -22,8 +22,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from ..nn.cpu_choices import bf16_pays, cpu_name
-from ..precision import BF16MasterWeights
+from ..precision import BF16MasterWeights, bf16_is_faster, device_name
 
 if TYPE_CHECKING:
     from ..modules.seq2seq import Seq2SeqTransformer
@@ -83,13 +82,15 @@ class TrainingDoctor(Callback):
         self._warned: set[str] = set()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (trainer.precision in ("bf16-mixed", "bf16-true") and trainer.strategy.root_device.type == "cpu"
-                and not isinstance(trainer.precision_plugin, BF16MasterWeights) and not bf16_pays()):
+        # The plugin makes this choice itself; an explicit precision is the user's, so it is only named.
+        device = trainer.strategy.root_device
+        if (trainer.precision in ("bf16-mixed", "bf16-true")
+                and not isinstance(trainer.precision_plugin, BF16MasterWeights) and not bf16_is_faster(device)):
             self._warn_once("bf16", (
-                f"trainer.precision is {trainer.precision}, but bf16 matmuls measured slower than float32 on this "
-                f"CPU ({cpu_name()}; one without AVX512-BF16 or AMX emulates them). Train in float32 "
-                "(trainer.precision: 32-true), or use trainer.plugins: [lightning_transformer.BF16MasterWeights], "
-                "which trains in bf16 only where it measured bf16 faster."
+                f"trainer.precision is {trainer.precision}, but bf16 is slower than float32 on this "
+                f"{device_name(device)}, which emulates it (a CPU without AVX512-BF16 or AMX, a GPU before "
+                "Ampere). Train in float32 (trainer.precision: 32-true), or use trainer.plugins: "
+                "[lightning_transformer.BF16MasterWeights], which trains in bf16 only where bf16 is faster."
             ))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
