@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lightning_transformer import cosine_lambda, cosine_schedule, noam_lambda, noam_schedule
+from lightning_transformer.schedules import paper_adam
 
 
 def noam_formula(k, d_model, warmup, factor=1.0):
@@ -71,3 +72,23 @@ def test_cosine_needs_total_beyond_warmup():
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(ValueError, match="total_steps > warmup_steps"):
         cosine_schedule(optimizer, warmup_steps=10, total_steps=10)
+
+
+def test_weight_decay_is_decoupled_and_spares_biases_and_norms():
+    layer, norm = torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)
+    params = list(layer.parameters()) + list(norm.parameters())
+    before = [p.detach().clone() for p in params]
+    adam = paper_adam(params, lr=0.01, weight_decay=0.1)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    adam.step()
+    # A zero gradient moves Adam by nothing, so what is left is the decay: w * (1 - lr * wd) on the matrix
+    # (coupled L2 would have pushed every weight by about lr), nothing on the bias and the LayerNorm.
+    torch.testing.assert_close(layer.weight, before[0] * (1 - 0.01 * 0.1))
+    for p, b in zip(params[1:], before[1:]):
+        torch.testing.assert_close(p, b)
+
+
+def test_no_weight_decay_is_the_papers_adam():
+    adam = paper_adam(torch.nn.Linear(4, 3).parameters(), lr=0.01)
+    assert type(adam) is torch.optim.Adam and adam.defaults["betas"] == (0.9, 0.98) and adam.defaults["eps"] == 1e-9

@@ -51,7 +51,7 @@ class CausalLMTransformer(TokenLevelModule):
         total_steps: cosine decay length; defaults to the Trainer's estimated stepping batches.
         betas: Adam betas.
         eps: Adam epsilon.
-        weight_decay: Adam L2 penalty.
+        weight_decay: decoupled (AdamW) weight decay of the weight matrices and embeddings; 0 is the paper's Adam.
         max_new_tokens: default number of tokens :meth:`generate` adds, EOS included.
         temperature: default sampling temperature of :meth:`generate`; 0 is greedy.
         top_k: default top-k filter of :meth:`generate` (None: off).

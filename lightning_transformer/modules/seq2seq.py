@@ -51,7 +51,7 @@ class Seq2SeqTransformer(TokenLevelModule):
         total_steps: cosine decay length; defaults to the Trainer's estimated stepping batches.
         betas: Adam betas (paper: 0.9, 0.98).
         eps: Adam epsilon (paper: 1e-9).
-        weight_decay: Adam L2 penalty.
+        weight_decay: decoupled (AdamW) weight decay of the weight matrices and embeddings; 0 is the paper's Adam.
         beam_size: beam width of ``predict`` (paper: 4).
         length_penalty: GNMT length-penalty exponent alpha of beam search (paper: 0.6).
         max_decode_len_a: decoding stops after ``a * source_length + b`` tokens (``a``).
