@@ -104,8 +104,9 @@ def paper_adam(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple
     # One fused pass over every tensor: 3x faster steps than the per-tensor loop on CPU.
     fused = all(p.device.type in ("cpu", "cuda") for p in parameters)
     if weight_decay > 0:
-        groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay},
-                  {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+        # Named for LearningRateMonitor, which logs "<scheduler name>/<group name>" when there are several groups.
+        groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": weight_decay, "name": "lr"},
+                  {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0, "name": "lr_undecayed"}]
         adam = AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas), eps=eps, fused=fused)
     else:
         adam = Adam(parameters, lr=lr, betas=tuple(betas), eps=eps, fused=fused)

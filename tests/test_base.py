@@ -149,9 +149,10 @@ def test_translation_metrics_read_batches_through_unpack_batch():
     assert sorted(metrics._outputs) == [4, 5, 6]
 
 
-def test_lr_and_throughput_are_logged_by_callbacks(tmp_path):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_lr_and_throughput_are_logged_by_callbacks(tmp_path, weight_decay):
     torch.manual_seed(0)
-    model = Seq2SeqTransformer(**TINY, warmup_steps=4)
+    model = Seq2SeqTransformer(**TINY, warmup_steps=4, weight_decay=weight_decay)
     monitor = LearningRateMonitor(logging_interval="step")
     run = trainer(tmp_path, max_steps=3, log_every_n_steps=1, logger=CSVLogger(tmp_path),
                   callbacks=[monitor, TokenThroughput()])

@@ -109,7 +109,8 @@ def test_paper_runs_differ_only_where_the_paper_does(capsys, monkeypatch):
         assert hp["warmup_steps"] == 4000 and hp["label_smoothing"] == 0.1 and hp["scheduler"] == "noam"
 
 
-def test_the_tiny_multi30k_run_differs_from_the_main_one_only_in_size_vocabulary_rates_and_dropout(capsys, monkeypatch):
+def test_the_tiny_multi30k_run_differs_from_the_main_one_only_in_size_vocabulary_rates_and_regularisation(capsys,
+                                                                                                       monkeypatch):
     # A whole file rather than an overlay: callbacks are a list, which a later --config replaces whole.
     main_run, tiny = (printed_config(RUNS[run], capsys, monkeypatch)
                       for run in ("multi30k_en_de", "multi30k_en_de_tiny"))
@@ -117,7 +118,7 @@ def test_the_tiny_multi30k_run_differs_from_the_main_one_only_in_size_vocabulary
         "trainer.default_root_dir", "data.init_args.max_tokens", "data.init_args.vocab_size",
         *(f"model.init_args.{key}" for key in (
             "d_model", "num_encoder_layers", "num_decoder_layers", "dim_feedforward", "lr", "warmup_steps",
-            "dropout", "attention_dropout", "activation_dropout"))}
+            "dropout", "attention_dropout", "activation_dropout", "weight_decay"))}
 
 
 def test_print_config_from_the_command_line(tmp_path):
