@@ -100,6 +100,8 @@ def paper_adam(parameters: Iterable[torch.nn.Parameter], lr: float, betas: tuple
     ``weight_decay`` > 0 makes it AdamW: decay decoupled from the gradient's scaling (as fairseq's and Hugging
     Face's Adam), on matrices only (weights and embeddings); biases and LayerNorm gains are not decayed.
     """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}; 0 is the paper's Adam, 0.1 common AdamW.")
     parameters = list(parameters)
     # One fused pass over every tensor: 3x faster steps than the per-tensor loop on CPU.
     fused = all(p.device.type in ("cpu", "cuda") for p in parameters)

@@ -92,3 +92,8 @@ def test_weight_decay_is_decoupled_and_spares_biases_and_norms():
 def test_no_weight_decay_is_the_papers_adam():
     adam = paper_adam(torch.nn.Linear(4, 3).parameters(), lr=0.01)
     assert type(adam) is torch.optim.Adam and adam.defaults["betas"] == (0.9, 0.98) and adam.defaults["eps"] == 1e-9
+
+
+def test_negative_weight_decay_is_refused():
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        paper_adam(torch.nn.Linear(4, 3).parameters(), lr=0.01, weight_decay=-0.1)
