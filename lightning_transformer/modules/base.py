@@ -156,9 +156,9 @@ class TokenLevelModule(LightningModule):
             scheduler = cosine_schedule(adam, hp.warmup_steps, total, hp.min_lr_ratio)
         else:
             raise ValueError(f"scheduler must be 'noam' or 'cosine', got {hp.scheduler!r}.")
-        # "name": the key LearningRateMonitor logs the lr under; with weight decay's two groups it appends the group
-        # names ("lr", "lr_undecayed"), so the key stays train/lr.
-        name = "train" if len(adam.param_groups) > 1 else "train/lr"
+        # "name": the key LearningRateMonitor logs the lr under. It appends a group's own name where the group has one
+        # (paper_adam names weight decay's groups "lr" and "lr_undecayed"), so the key stays train/lr either way.
+        name = "train" if "name" in adam.param_groups[0] else "train/lr"
         return {"optimizer": adam, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": name}}
 
     def configure_callbacks(self) -> list[Callback]:
